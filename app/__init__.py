@@ -1,0 +1,1 @@
+"""Med-DDPM synthesis as a MONAI Deploy application (`python -m app --help`)."""

@@ -1,0 +1,114 @@
+"""The MONAI Deploy application: label masks in, synthetic MR volumes out.
+
+    mask_loader --mask--> synthesis --synthesis--> output_writer
+
+Everything that can be checked before the graph runs (model repository, settings, input path) is resolved
+into a `SynthesisJob` first, so that a bad setting fails at once with a clear message; inside the graph a
+failing mask is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from holoscan.conditions import CountCondition
+from monai.deploy.core import Application
+
+from app.mask_loader_operator import MaskLoaderOperator
+from app.output_writer_operator import OutputWriterOperator
+from app.report import RunReport
+from app.settings import parse_settings, settings_help
+from app.synthesis_operator import SamplingPlan, SynthesisOperator
+from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
+from meddpm.errors import ConfigurationError, MedDDPMError
+from meddpm.masks import find_masks
+from meddpm.served_model import ServedModel, find_model
+
+log = logging.getLogger("app")
+
+USAGE = """usage: python -m app [-i INPUT] [-o OUTPUT] [-m MODEL_REPOSITORY] [-l LEVEL] [sampling settings]
+
+  -i/--input   NIfTI label mask or folder of masks   (HOLOSCAN_INPUT_PATH, default: input)
+  -o/--output  output folder, one subfolder per mask (HOLOSCAN_OUTPUT_PATH, default: output)
+  -m/--model   Triton model repository from `python -m export` (HOLOSCAN_MODEL_PATH, default: models)
+  -l/--log-level DEBUG|INFO|WARN|ERROR
+
+Sampling settings:
+"""
+
+
+@dataclasses.dataclass
+class SynthesisJob:
+    model: ServedModel
+    denoiser: Denoiser
+    plan: SamplingPlan
+    masks: list[Path]
+    output_folder: Path
+    rescale: tuple[float, float] | None
+    report: RunReport = dataclasses.field(default_factory=RunReport)
+
+
+class SynthesisApp(Application):
+    """Synthesises a brain MRI for each label mask with a Med-DDPM model."""
+
+    def __init__(self, job: SynthesisJob, *args, **kwargs):
+        self.job = job
+        super().__init__([sys.executable, "app"], *args, **kwargs)
+
+    def compose(self):
+        job = self.job
+        loader = MaskLoaderOperator(
+            self, CountCondition(self, len(job.masks)), mask_paths=job.masks, preset=job.model.preset,
+            report=job.report, name="mask_loader",
+        )
+        synthesis = SynthesisOperator(
+            self, model=job.model, denoiser=job.denoiser, plan=job.plan, report=job.report, name="synthesis"
+        )
+        writer = OutputWriterOperator(
+            self, output_folder=job.output_folder, model=job.model, rescale=job.rescale, report=job.report,
+            name="output_writer",
+        )
+        self.add_flow(loader, synthesis, {(loader.output_name_mask, synthesis.input_name_mask)})
+        self.add_flow(synthesis, writer, {(synthesis.output_name_synthesis, writer.input_name_synthesis)})
+
+
+def prepare_job(argv: list[str]) -> SynthesisJob:
+    """Resolve the SDK's paths and our settings into a job, or raise a MedDDPMError saying what to fix."""
+    settings, sdk_args = parse_settings(argv[1:])
+    context = Application.init_app_context([argv[0], *sdk_args])
+    if context.triton_server_netloc:
+        raise ConfigurationError(
+            f"a Triton server was given ({context.triton_server_netloc}) but this version runs the UNet in "
+            f"process only; unset TRITON_SERVER_NETLOC / drop --triton-server-netloc"
+        )
+    model = find_model(Path(context.model_path), settings.model_name, settings.preset)
+    plan = SamplingPlan.resolve(settings, model)
+    masks = find_masks(Path(context.input_path))
+    denoiser = OnnxRuntimeDenoiser(model.onnx_path, settings.threads)
+    log.info("model %s (preset %s), scheduler %s, %d steps, seeds %s, %d mask(s)", model.name, model.preset.name,
+             plan.scheduler, plan.steps, plan.seeds, len(masks))
+    return SynthesisJob(model, denoiser, plan, masks, Path(context.output_path), settings.rescale)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(USAGE + settings_help())
+        return 0
+    os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
+    try:
+        job = prepare_job(argv)
+    except MedDDPMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    SynthesisApp(job).run()
+    print(job.report.summary())
+    for folder in job.report.written.values():
+        print(f"synthetic volume(s) and preview in {folder} (preview: {Path(folder) / 'preview.png'})")
+    return 1 if job.report.failed else 0
+
+

@@ -1,0 +1,97 @@
+"""Writes each synthesis atomically: NIfTI volume(s), a PNG preview and a JSON record in one folder."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from app.preview import write_preview
+from app.report import RunReport
+from app.synthesis_operator import Synthesis
+from meddpm.atomic import replace_folder
+from meddpm.served_model import ServedModel
+
+log = logging.getLogger(__name__)
+MODEL_RANGE = (-1.0, 1.0)
+
+
+class OutputWriterOperator(Operator):
+    """Writes OUTPUT/<mask name>/ for each synthesis; the folder appears complete or not at all.
+
+    Files: sample_<i>[_<channel>].nii.gz (one per sample and output channel, on the mask's grid with its
+    affine), preview.png (mid-slices of mask and sample 0), record.json (model, settings, timings).
+
+    Named Input:
+        synthesis: app.synthesis_operator.Synthesis
+    """
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, model: ServedModel,
+                 rescale: tuple[float, float] | None, report: RunReport, **kwargs):
+        self.input_name_synthesis = "synthesis"
+        self._output_folder = output_folder
+        self._model = model
+        self._rescale = rescale
+        self._report = report
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input(self.input_name_synthesis)
+
+    def compute(self, op_input, op_output, context):
+        synthesis: Synthesis = op_input.receive(self.input_name_synthesis)
+        with self._report.step(synthesis.mask.name):
+            folder = self.write(synthesis)
+            self._report.written[synthesis.mask.name] = str(folder)
+            log.info("%s: wrote %s", synthesis.mask.name, folder)
+
+    def write(self, synthesis: Synthesis) -> Path:
+        self._output_folder.mkdir(parents=True, exist_ok=True)
+        target = self._output_folder / synthesis.mask.name
+        staging = Path(tempfile.mkdtemp(prefix=f".{synthesis.mask.name}.partial-", dir=self._output_folder))
+        try:
+            channels = self._model.preset.image.channels
+            outputs = []
+            for index, volume in enumerate(synthesis.samples):
+                for channel, name in enumerate(channels):
+                    filename = f"sample_{index}{'' if len(channels) == 1 else '_' + name}.nii.gz"
+                    self._write_nifti(staging / filename, volume[channel], synthesis.mask.affine)
+                    outputs.append(filename)
+            write_preview(staging / "preview.png", synthesis.mask, synthesis.samples[0], channels)
+            record = self._record(synthesis, outputs + ["preview.png"])
+            (staging / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+            replace_folder(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _write_nifti(self, path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
+        if self._rescale is not None:
+            (low, high), (a, b) = self._rescale, MODEL_RANGE
+            volume = low + (volume - a) * (high - low) / (b - a)
+        image = nib.Nifti1Image(volume.astype(np.float32), affine)  # a fresh header: nothing copied from input
+        image.header.set_xyzt_units("mm")
+        image.header["descrip"] = b"synthetic image (Med-DDPM), not acquired"
+        nib.save(image, path)
+
+    def _record(self, synthesis: Synthesis, outputs: list[str]) -> dict:
+        manifest = self._model.manifest
+        return {
+            "mask": synthesis.mask.name,
+            "outputs": outputs,
+            "synthetic": True,
+            "model": {"name": self._model.name, "preset": self._model.preset.to_dict(),
+                      "checkpoint": manifest["checkpoint"], "onnx": manifest["onnx"],
+                      "verification_passed": manifest["verification"]["passed"]},
+            **synthesis.record,
+            "intensity": {"model_range": list(MODEL_RANGE),
+                          "written_range": list(self._rescale) if self._rescale else list(MODEL_RANGE)},
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }

@@ -1,0 +1,122 @@
+"""Runs the sampling loop for each mask: condition on the network grid, sample, map back to the mask grid."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+
+import numpy as np
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from app.report import RunReport
+from app.settings import SamplingSettings
+from meddpm.denoisers import Denoiser
+from meddpm.geometry import ModelGrid, condition_channels
+from meddpm.masks import LabelMask
+from meddpm.sampling import check_steps, default_steps, sample
+from meddpm.served_model import ServedModel
+
+log = logging.getLogger(__name__)
+progress_log = logging.getLogger("meddpm.progress")
+
+
+@dataclasses.dataclass
+class Synthesis:
+    mask: LabelMask
+    samples: list[np.ndarray]  # one (C, X, Y, Z) float32 volume per seed, on the mask's grid, in [-1, 1]
+    record: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    """The settings resolved against the model's preset: what every mask of the run gets."""
+
+    scheduler: str
+    steps: int
+    seeds: list[int]
+    batch_size: int
+
+    @classmethod
+    def resolve(cls, settings: SamplingSettings, model: ServedModel) -> SamplingPlan:
+        schedule = model.preset.schedule
+        scheduler = settings.scheduler or schedule.default_scheduler
+        steps = settings.steps or default_steps(scheduler, schedule)
+        check_steps(scheduler, steps, schedule)
+        seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+        return cls(scheduler, steps, [seed + i for i in range(settings.samples)], settings.batch_size)
+
+
+class SynthesisOperator(Operator):
+    """Synthesises the samples of one mask per tick.
+
+    Named Input:
+        mask: meddpm.masks.LabelMask
+    Named Output:
+        synthesis: Synthesis
+    """
+
+    def __init__(self, fragment: Fragment, *args, model: ServedModel, denoiser: Denoiser, plan: SamplingPlan,
+                 report: RunReport, **kwargs):
+        self.input_name_mask = "mask"
+        self.output_name_synthesis = "synthesis"
+        self._model = model
+        self._denoiser = denoiser
+        self._plan = plan
+        self._report = report
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input(self.input_name_mask)
+        spec.output(self.output_name_synthesis)
+
+    def compute(self, op_input, op_output, context):
+        mask: LabelMask = op_input.receive(self.input_name_mask)
+        with self._report.step(mask.name):
+            op_output.emit(self.synthesise(mask), self.output_name_synthesis)
+
+    def synthesise(self, mask: LabelMask) -> Synthesis:
+        preset, plan = self._model.preset, self._plan
+        started = time.monotonic()
+        grid = ModelGrid(mask.labels.shape, mask.affine, preset)
+        condition = condition_channels(grid.labels_to_network(mask.labels), preset)
+        prepared = time.monotonic()
+        batches = [plan.seeds[i : i + plan.batch_size] for i in range(0, len(plan.seeds), plan.batch_size)]
+        images = []
+        for number, seeds in enumerate(batches, 1):
+            label = f"{mask.name} batch {number}/{len(batches)}"
+            images.append(sample(self._denoiser, condition, preset.out_channels, plan.scheduler, plan.steps,
+                                 preset.schedule, seeds, StepProgress(label)))
+        sampled = time.monotonic()
+        samples = [grid.image_from_network(image) for image in np.concatenate(images)]
+        record = {
+            "scheduler": plan.scheduler,
+            "steps": plan.steps,
+            "seeds": plan.seeds,
+            "batch_size": plan.batch_size,
+            "backend": self._denoiser.name,
+            "grid": {"mask_shape": list(mask.labels.shape), "network_grid": list(preset.image.grid),
+                     "resampled": grid.resampled, "exact": grid.exact},
+            "timings_s": {"prepare": round(prepared - started, 3), "sampling": round(sampled - prepared, 3),
+                          "per_step": round((sampled - prepared) / (plan.steps * len(batches)), 4),
+                          "restore": round(time.monotonic() - sampled, 3)},
+        }
+        return Synthesis(mask, samples, record)
+
+
+class StepProgress:
+    """Logs each step (DEBUG), every tenth of the run (INFO), and a live line on a terminal."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.live = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, elapsed: float) -> None:
+        remaining = elapsed / done * (total - done)
+        line = f"{self.label}: step {done}/{total}, {elapsed:.1f} s elapsed, ~{remaining:.1f} s to go"
+        progress_log.debug(line)
+        if done == total or done == 1 or done % max(1, total // 10) == 0:
+            progress_log.info(line)
+        if self.live:
+            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)

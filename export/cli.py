@@ -1,0 +1,104 @@
+"""`python -m export`: a Med-DDPM checkpoint in, a verified Triton model repository entry out."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from export import onnx_graph, repository, tensorrt_plan
+from meddpm.checkpoint import load_checkpoint, sha256_of
+from meddpm.errors import MedDDPMError
+from meddpm.presets import get_preset
+from meddpm.served_model import MANIFEST_FORMAT
+from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, ConditionalDenoiser
+
+log = logging.getLogger("export")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="Med-DDPM checkpoint (.pt/.pth)")
+    parser.add_argument("--preset", required=True, help="preset name (meddpm/presets.toml or --presets)")
+    parser.add_argument("--repository", required=True, type=Path, help="Triton model repository folder")
+    parser.add_argument("--name", help="model name in the repository (default: meddpm_<preset>)")
+    parser.add_argument("--presets", type=Path, help="extra preset file (TOML), e.g. for a fine-tune")
+    parser.add_argument("--schedule-file", type=Path, help="separate schedule file, e.g. 3dcddpm_params.pth")
+    parser.add_argument("--max-batch-size", type=int, default=4, help="Triton max_batch_size (default 4)")
+    parser.add_argument("--tensorrt-accelerator", action="store_true",
+                        help="enable ONNX Runtime's TensorRT accelerator (FP16) in the GPU config")
+    parser.add_argument("--tensorrt-plan", action="store_true",
+                        help="also build a TensorRT plan entry NAME_trt (needs tensorrt and a GPU)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    preset = get_preset(args.preset, args.presets)
+    name = args.name or "meddpm_" + preset.name.replace("-", "_")
+    loaded = load_checkpoint(args.checkpoint, preset, args.schedule_file)
+    log.info("loaded %s (layout '%s', schedule %s)", args.checkpoint.name, loaded.layout,
+             "checked" if loaded.schedule_checked else "not stored in the checkpoint")
+    model = ConditionalDenoiser(loaded.unet).eval()
+
+    with tempfile.TemporaryDirectory(prefix="meddpm-export-") as work:
+        onnx_path = Path(work) / "model.onnx"
+        onnx_graph.export_onnx(model, preset, onnx_path)
+        verification = onnx_graph.verify_onnx(onnx_path, model, preset)
+        print_verification(verification)
+        onnx_graph.require_passed(verification, args.checkpoint)
+
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "preset": preset.to_dict(),
+            "checkpoint": {"file": args.checkpoint.name, "sha256": loaded.sha256, "layout": loaded.layout,
+                           "schedule_checked": loaded.schedule_checked},
+            "onnx": {"file": "model.onnx", "sha256": sha256_of(onnx_path), "opset": onnx_graph.OPSET,
+                     "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME,
+                     "grid_multiple": preset.unet.downsample_factor},
+            "verification": verification.to_dict(),
+            "versions": repository.package_versions(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        entries = {
+            name: (repository.model_config(name, preset, "onnx", args.max_batch_size, args.tensorrt_accelerator),
+                   {"model.onnx": onnx_path}),
+            name + repository.CPU_SUFFIX: (repository.model_config(name + repository.CPU_SUFFIX, preset, "cpu", args.max_batch_size),
+                                           {"model.onnx": onnx_path, "model.py": repository.PYTHON_MODEL_SOURCE}),
+        }
+        if args.tensorrt_plan:
+            plan_path = Path(work) / "model.plan"
+            tensorrt_plan.build_plan(onnx_path, plan_path, preset, args.max_batch_size)
+            entries[name + repository.TRT_SUFFIX] = (
+                repository.model_config(name + repository.TRT_SUFFIX, preset, "plan", args.max_batch_size),
+                {"model.plan": plan_path},
+            )
+        for entry_name, (config, files) in entries.items():
+            path = repository.write_entry(args.repository, entry_name, config, files, manifest)
+            print(f"wrote {path}")
+    return manifest
+
+
+def print_verification(verification: onnx_graph.Verification) -> None:
+    print(f"verification (ONNX Runtime vs PyTorch, {verification.seconds:.1f} s):")
+    for case in verification.cases:
+        print(f"  batch {case.batch} grid {'x'.join(map(str, case.grid))} t={case.timesteps}: "
+              f"max abs error {case.max_abs_error:.2e}, relative {case.relative_error:.2e}")
+    verdict = "PASSED" if verification.passed else "FAILED"
+    print(f"  {verdict}: max relative error {verification.max_relative_error:.2e} "
+          f"(tolerance {verification.tolerance:.0e}), max abs error {verification.max_abs_error:.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("export").setLevel(logging.INFO)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+    args = parse_args(argv)
+    try:
+        run(args)
+    except MedDDPMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0

@@ -1,0 +1,106 @@
+"""Write a Triton model repository entry: config.pbtxt, version 1 with the graph, and a manifest.
+
+For a model NAME the repository gets:
+- NAME/      the ONNX Runtime backend config (GPU instances by default; optional TensorRT accelerator);
+- NAME_cpu/  the same graph served by the python backend with ONNX Runtime, for CPU-only Triton servers
+             (the nvidia-pytriton `tritonserver` has no onnxruntime backend), under the same tensor names;
+- NAME_trt/  a TensorRT plan, only when asked for and TensorRT is installed.
+Each version folder holds `manifest.json`: the preset, the source checkpoint's hash, package versions and
+the verification figures, so that a client knows exactly what it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from meddpm.atomic import replace_folder, write_text
+from meddpm.presets import Preset
+from meddpm.served_model import MANIFEST, VARIANT_SUFFIXES
+from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
+
+CPU_SUFFIX, TRT_SUFFIX = VARIANT_SUFFIXES
+PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
+VERSIONS_RECORDED = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers", "meddpm-deploy")
+
+
+def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, tensorrt_accelerator: bool = False) -> mc.ModelConfig:
+    """The config of one repository entry; kind is "onnx", "cpu" (python backend) or "plan"."""
+    config = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
+    if kind == "onnx":
+        config.platform = "onnxruntime_onnx"
+    elif kind == "cpu":
+        config.backend = "python"
+    else:
+        config.platform = "tensorrt_plan"
+    grid = list(preset.image.grid)
+    tensors = [
+        (INPUT_NAMES[0], [preset.out_channels, *grid]),
+        (INPUT_NAMES[1], [len(preset.condition.labels), *grid]),
+    ]
+    for tensor_name, dims in tensors:
+        config.input.add(name=tensor_name, data_type=mc.TYPE_FP32, dims=dims)
+    # The graph's timestep is (batch,): one value per sample, so Triton sees [1] reshaped to [].
+    timestep = config.input.add(name=INPUT_NAMES[2], data_type=mc.TYPE_FP32, dims=[1])
+    timestep.reshape.SetInParent()
+    config.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[preset.out_channels, *grid])
+    config.dynamic_batching.max_queue_delay_microseconds = 100
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU if kind == "cpu" else mc.ModelInstanceGroup.KIND_GPU)
+    if kind == "cpu":
+        config.parameters["onnx_file"].string_value = "model.onnx"
+    if tensorrt_accelerator:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters["precision_mode"] = "FP16"
+        accelerator.parameters["max_workspace_size_bytes"] = str(8 << 30)
+        accelerator.parameters["trt_engine_cache_enable"] = "1"
+    return config
+
+
+def config_text(config: mc.ModelConfig) -> str:
+    return "# Written by `python -m export`; edit the export options rather than this file.\n" + text_format.MessageToString(config)
+
+
+def parse_config(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in VERSIONS_RECORDED:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_entry(repository: Path, name: str, config: mc.ModelConfig, files: dict[str, Path], manifest: dict) -> Path:
+    """Write NAME/config.pbtxt and NAME/1/{files, manifest.json}; version 1 is replaced atomically."""
+    entry = repository / name
+    entry.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=entry))
+    try:
+        for target, source in files.items():
+            _link_or_copy(source, staging / target)
+        (staging / MANIFEST).write_text(json.dumps(manifest | {"triton_model": name}, indent=2) + "\n")
+        version = entry / "1"
+        replace_folder(staging, version)
+        (version / ".gitkeep").touch()
+        write_text(entry / "config.pbtxt", config_text(config))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entry
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

@@ -1,0 +1,80 @@
+"""One denoiser interface, whatever runs the UNet: ONNX Runtime in process, PyTorch, or (later) Triton.
+
+A denoiser predicts the noise in a batch of noisy images. The condition is fixed for a whole sampling run,
+so the loop binds it once (`with denoiser.conditioned(condition) as predict_noise:`) and then calls
+`predict_noise(noisy_image, timestep)` every step; a remote backend can keep the condition resident.
+Arrays are float32 numpy: noisy_image (B, C, D, H, W), timestep (B,), condition (B, L, D, H, W).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meddpm.errors import ModelError
+from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, ConditionalDenoiser
+
+NoisePredictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+log = logging.getLogger(__name__)
+
+
+class Denoiser(abc.ABC):
+    """Predicts epsilon for (noisy_image, timestep, condition)."""
+
+    name: str = "denoiser"
+
+    @abc.abstractmethod
+    def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
+        """Predicted noise, same shape as noisy_image."""
+
+    @contextlib.contextmanager
+    def conditioned(self, condition: np.ndarray) -> Iterator[NoisePredictor]:
+        """Bind a condition for the steps of one sampling run."""
+        yield lambda noisy_image, timestep: self.predict(noisy_image, timestep, condition)
+
+
+class OnnxRuntimeDenoiser(Denoiser):
+    """The exported graph in process; CUDA is asked for only when a CUDA device is present."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: Path, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        except Exception as error:  # ONNX Runtime raises its own untyped errors
+            raise ModelError(
+                f"{onnx_path}: ONNX Runtime cannot load the model ({error}); re-run `python -m export`"
+            ) from None
+        log.info("ONNX Runtime session on %s", ", ".join(self.session.get_providers()))
+
+    def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
+        feed = dict(zip(INPUT_NAMES, (noisy_image, condition, timestep)))
+        return self.session.run([OUTPUT_NAME], feed)[0]
+
+
+class TorchDenoiser(Denoiser):
+    """The PyTorch model itself: the reference the other backends are checked against."""
+
+    name = "torch"
+
+    def __init__(self, model: ConditionalDenoiser, device: str = "cpu"):
+        self.model = model.eval().to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
+        tensors = (torch.from_numpy(a).to(self.device) for a in (noisy_image, condition, timestep))
+        return self.model(*tensors).cpu().numpy()

@@ -1,0 +1,35 @@
+"""The project's exception family: every message says what was wrong and how to fix it."""
+
+
+class MedDDPMError(Exception):
+    """Base class; the command-line entry points turn it into a message and an exit code."""
+
+    exit_code = 1
+
+
+class ConfigurationError(MedDDPMError):
+    """A setting, flag or preset is invalid."""
+
+    exit_code = 2
+
+
+class InputError(MedDDPMError):
+    """A user-supplied file (mask, image) cannot be used."""
+
+    exit_code = 3
+
+
+class CheckpointError(MedDDPMError):
+    """A checkpoint cannot be read or does not fit the preset."""
+
+    exit_code = 4
+
+
+class ModelError(MedDDPMError):
+    """An exported model is missing, unreadable, or does not match what the caller expects."""
+
+    exit_code = 5
+
+
+class ExportVerificationError(ModelError):
+    """The exported graph does not compute what the PyTorch model computes."""

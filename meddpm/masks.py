@@ -1,0 +1,97 @@
+"""Reading a NIfTI label mask and checking that a preset can use it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from meddpm.errors import InputError
+from meddpm.presets import Preset
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MAX_SIDE = 1024  # voxels per axis
+MAX_VOXELS = 512**3  # refused before any voxel is read
+
+
+@dataclasses.dataclass
+class LabelMask:
+    name: str  # file name without suffix: names the output folder
+    labels: np.ndarray  # (X, Y, Z) uint8
+    affine: np.ndarray  # 4x4, voxel -> scanner mm
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def mask_name(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def find_masks(path: Path) -> list[Path]:
+    """The mask itself, or the NIfTI files of a folder (sorted; other files are ignored)."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; pass a NIfTI mask (.nii/.nii.gz) or a folder of them")
+    if path.is_file():
+        return [path]
+    masks = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
+    if not masks:
+        raise InputError(f"{path}: the folder holds no NIfTI masks (.nii or .nii.gz)")
+    return masks
+
+
+def read_mask(path: Path, preset: Preset) -> LabelMask:
+    """Load and validate one label mask for `preset` (raises InputError naming the file)."""
+    if not is_nifti(path):
+        raise InputError(f"{path}: not a NIfTI file; masks must be .nii or .nii.gz label volumes")
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises many types for a damaged file
+        raise InputError(f"{path}: cannot be read as NIfTI ({type(error).__name__}: {error})") from None
+    shape = tuple(int(s) for s in image.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(f"{path}: has {len(shape)} dimensions {shape}; a label mask must be one 3-D volume (X, Y, Z)")
+    if max(shape) > MAX_SIDE or int(np.prod(shape)) > MAX_VOXELS:
+        raise InputError(
+            f"{path}: size {shape} is beyond what is accepted (at most {MAX_SIDE} voxels a side and "
+            f"{MAX_VOXELS} in all); crop or downsample the mask"
+        )
+    try:
+        data = np.asanyarray(image.dataobj).reshape(shape)
+    except Exception as error:
+        raise InputError(f"{path}: voxel data cannot be read ({type(error).__name__}: {error})") from None
+    labels = _integer_labels(path, data)
+    _check_label_values(path, labels, preset)
+    return LabelMask(mask_name(path), labels, np.asarray(image.affine, dtype=np.float64))
+
+
+def _integer_labels(path: Path, data: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(data.dtype, np.number):
+        raise InputError(f"{path}: voxel type {data.dtype} is not numeric; a label mask holds integer labels")
+    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+        bad = np.unique(data[~np.isfinite(data) | (data != np.round(data))])[:5]
+        raise InputError(
+            f"{path}: holds non-integer values (e.g. {', '.join(f'{v:g}' for v in bad)}); a label mask holds "
+            f"integer labels only (is this an image rather than a mask?)"
+        )
+    if data.min() < 0 or data.max() > 255:
+        raise InputError(f"{path}: label values range {data.min():g}..{data.max():g}; labels must be 0..255")
+    return data.astype(np.uint8)
+
+
+def _check_label_values(path: Path, labels: np.ndarray, preset: Preset) -> None:
+    present = set(np.unique(labels).tolist())
+    accepted = {0, *preset.condition.labels}
+    unknown = sorted(present - accepted)
+    if unknown:
+        raise InputError(
+            f"{path}: label values {unknown} are not labels of preset '{preset.name}', which accepts "
+            f"{sorted(accepted)} (0 is background); relabel the mask or choose another model"
+        )
+    if present <= {0}:
+        raise InputError(f"{path}: the mask is empty (background only); it must mark labels {list(preset.condition.labels)}")

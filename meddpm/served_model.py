@@ -1,0 +1,96 @@
+"""A model as `python -m export` wrote it into a Triton model repository, seen from the client side."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import onnx
+
+from meddpm.errors import ConfigurationError, ModelError
+from meddpm.presets import Preset
+from meddpm.unet import INPUT_NAMES
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+VARIANT_SUFFIXES = ("_cpu", "_trt")  # other servings of the same graph, see export/repository.py
+
+
+@dataclasses.dataclass
+class ServedModel:
+    name: str
+    folder: Path
+    preset: Preset
+    manifest: dict
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / "1" / "model.onnx"
+
+
+def find_model(repository: Path, name: str | None = None, expected_preset: str | None = None) -> ServedModel:
+    """The model `name` of a repository (or the only one), checked against its manifest and graph."""
+    if not repository.is_dir():
+        raise ModelError(f"{repository}: no such model repository; create one with `python -m export`")
+    if (repository / "config.pbtxt").exists():  # pointed at one model's folder
+        repository, name = repository.parent, name or repository.name
+    try:
+        entries = sorted(p.name for p in repository.iterdir() if (p / "1" / MANIFEST).is_file())
+    except OSError as error:
+        raise ModelError(f"{repository}: cannot list the model repository ({error.strerror})") from None
+    models = [e for e in entries if not e.endswith(VARIANT_SUFFIXES)]
+    if not models:
+        raise ModelError(f"{repository}: holds no exported Med-DDPM model; run `python -m export --repository {repository} ...`")
+    if name is None:
+        if len(models) > 1:
+            raise ConfigurationError(f"{repository} holds several models ({', '.join(models)}); pick one with --model-name")
+        name = models[0]
+    name = _base_name(name)
+    if name not in models:
+        raise ConfigurationError(f"model '{name}' is not in {repository}; available: {', '.join(models)}")
+    model = _load(repository / name)
+    if expected_preset and model.preset.name != expected_preset:
+        raise ModelError(
+            f"{model.folder}: model '{name}' was exported for preset '{model.preset.name}', not '{expected_preset}'; "
+            f"pick the matching model with --model-name or drop --preset"
+        )
+    return model
+
+
+def _base_name(name: str) -> str:
+    for suffix in VARIANT_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _load(folder: Path) -> ServedModel:
+    manifest_path = folder / "1" / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
+        preset = Preset.from_dict(manifest["preset"]["name"], manifest["preset"], source=str(manifest_path))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{manifest_path}: unreadable manifest ({error}); re-run `python -m export`") from None
+    model = ServedModel(folder.name, folder, preset, manifest)
+    _check_graph(model)
+    return model
+
+
+def _check_graph(model: ServedModel) -> None:
+    """The graph's inputs must have the channel counts the preset feeds it."""
+    try:
+        graph = onnx.load(str(model.onnx_path), load_external_data=False).graph
+    except Exception as error:
+        raise ModelError(f"{model.onnx_path}: missing or unreadable ONNX graph ({error}); re-run `python -m export`") from None
+    found = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    expected = {INPUT_NAMES[0]: model.preset.out_channels, INPUT_NAMES[1]: len(model.preset.condition.labels)}
+    for tensor, channels in expected.items():
+        dims = found.get(tensor)
+        if dims is None or len(dims) != 5 or dims[1] != channels:
+            raise ModelError(
+                f"{model.onnx_path}: input '{tensor}' is {dims}, but preset '{model.preset.name}' in the manifest "
+                f"needs [batch, {channels}, depth, height, width]; the graph and manifest do not belong together: "
+                f"re-run `python -m export`"
+            )
