@@ -14,6 +14,7 @@ from typing import Any
 
 from meddpm.errors import ConfigurationError
 from meddpm.presets import SCHEDULERS
+from meddpm.sampling import FAST_DEFAULT_STEPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,8 @@ SETTINGS = (
     Setting("model_name", "MEDDPM_MODEL", str, None, "model in the repository (default: the only one there)"),
     Setting("preset", "MEDDPM_PRESET", str, None, "refuse a model exported for any other preset"),
     Setting("scheduler", "MEDDPM_SCHEDULER", _scheduler, None, f"one of {', '.join(SCHEDULERS)} (default: the preset's)"),
-    Setting("steps", "MEDDPM_STEPS", _positive, None, "denoising steps, i.e. UNet calls (default: the preset's)"),
+    Setting("steps", "MEDDPM_STEPS", _positive, None, "denoising steps, i.e. UNet calls (default: the preset's for its "
+            "own scheduler, else " + ", ".join(f"{k} {v}" for k, v in FAST_DEFAULT_STEPS.items()) + ")"),
     Setting("seed", "MEDDPM_SEED", int, None, "seed of sample 0; sample i uses seed + i (default: random, recorded)"),
     Setting("samples", "MEDDPM_SAMPLES", _positive, 1, "synthetic volumes per mask"),
     Setting("batch_size", "MEDDPM_BATCH_SIZE", _positive, 1, "samples sent through the UNet together"),

@@ -26,6 +26,7 @@ from meddpm.unet import MedDDPMUNet, build_unet
 UNET_PREFIX = "denoise_fn."
 SCHEDULE_RTOL, SCHEDULE_ATOL = 1e-5, 1e-7
 _SHOWN = 5  # how many offending tensor names an error message lists
+ZIP_SIGNATURE, PICKLE_PROTOCOL = b"PK\x03\x04", b"\x80"  # torch.save archives; legacy pickles
 
 
 @dataclasses.dataclass
@@ -79,14 +80,23 @@ def _read(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; pass the path of a .pt/.pth file")
     try:
+        with path.open("rb") as f:
+            signature = f.read(4)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror}); make the file readable") from None
+    if signature != ZIP_SIGNATURE and signature[:1] != PICKLE_PROTOCOL:
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle); expected a file "
+            f"written by torch.save, such as Med-DDPM's model_128.pt"
+        )
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise CheckpointError(f"{path}: permission denied; make the file readable") from None
     except pickle.UnpicklingError as error:
+        detail = next((line.strip() for line in str(error).splitlines() if "Unsupported" in line), "")
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than tensors and plain containers, and "
-            f"loading those would run pickled code ({str(error).splitlines()[0]}); re-save the state dict "
-            f"alone with torch.save"
+            f"loading those would run pickled code ({detail or 'weights_only load failed'}); re-save the "
+            f"state dict alone with torch.save"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
         raise CheckpointError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import ctypes
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,7 +51,7 @@ class OnnxRuntimeDenoiser(Denoiser):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
-        if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        if cuda_present() and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
@@ -63,6 +64,18 @@ class OnnxRuntimeDenoiser(Denoiser):
     def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
         feed = dict(zip(INPUT_NAMES, (noisy_image, condition, timestep)))
         return self.session.run([OUTPUT_NAME], feed)[0]
+
+
+def cuda_present() -> bool:
+    """Whether a CUDA device is usable: asked of the driver, since torch may be a CPU build."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 class TorchDenoiser(Denoiser):

@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny presets for fast tests, randomised models, the reference key list."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from meddpm.presets import Preset, load_presets
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE_KEYS = SHARED / "reference" / "meddpm_checkpoint_keys.txt"
+SHARED_DATA = SHARED / "data" / "meddpm"
+DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"
+
+# Small networks with the features of the real ones: attention inside a level ("tiny"), several output
+# channels, binary condition scaling and unreversed axes ("tiny-multi").
+TEST_PRESETS = """
+[presets.tiny]
+description = "test: 3 levels, attention at factor 2"
+[presets.tiny.unet]
+model_channels = 8
+num_res_blocks = 1
+channel_mult = [1, 2, 2]
+attention_factors = [2]
+norm_groups = 4
+[presets.tiny.condition]
+labels = [1, 2]
+scale = "symmetric"
+[presets.tiny.image]
+channels = ["T1"]
+grid = [16, 16, 16]
+voxel_size_mm = [4.0, 4.0, 4.0]
+orientation = "RAS"
+axis_order = "reversed"
+[presets.tiny.schedule]
+timesteps = 250
+beta_schedule = "squaredcos_cap_v2"
+default_scheduler = "ddpm"
+default_steps = 250
+
+[presets.tiny-multi]
+description = "test: BraTS-like, 2 outputs, 3 labels, 2 res blocks"
+[presets.tiny-multi.unet]
+model_channels = 8
+num_res_blocks = 2
+channel_mult = [1, 2]
+attention_factors = []
+norm_groups = 4
+[presets.tiny-multi.condition]
+labels = [1, 2, 4]
+scale = "binary"
+[presets.tiny-multi.image]
+channels = ["T1", "FLAIR"]
+grid = [8, 12, 16]
+voxel_size_mm = [2.0, 2.0, 2.0]
+orientation = "RAS"
+axis_order = "as-is"
+[presets.tiny-multi.schedule]
+timesteps = 250
+beta_schedule = "squaredcos_cap_v2"
+default_scheduler = "ddim"
+default_steps = 10
+"""
+
+
+@pytest.fixture(scope="session")
+def test_presets_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("presets") / "test_presets.toml"
+    path.write_text(TEST_PRESETS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def presets(test_presets_file) -> dict[str, Preset]:
+    return load_presets(test_presets_file)
+
+
+def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter random values (a fresh Med-DDPM model outputs exactly zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return module
+
+
+def reference_keys() -> dict[str, dict[str, tuple[int, ...]]]:
+    """{preset: {tensor name: shape}} from the reference list read off Med-DDPM's own code."""
+    if not REFERENCE_KEYS.is_file():
+        pytest.skip(f"{REFERENCE_KEYS} is absent")
+    sections: dict[str, dict[str, tuple[int, ...]]] = {}
+    current = None
+    for line in REFERENCE_KEYS.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line[1 : line.index("]")], {})
+            continue
+        name, shape = line.split(" ", 1)
+        current[name] = tuple(int(v) for v in re.findall(r"\d+", shape))
+    return sections
+
+
+def pytest_configure(config):
+    os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
