@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from meddpm.checkpoint import save_meddpm_checkpoint
+from meddpm.checkpoint import load_checkpoint, save_meddpm_checkpoint
 from meddpm.geometry import ModelGrid, condition_channels
 from meddpm.phantoms import make_phantom
 from meddpm.presets import get_preset
@@ -42,7 +42,7 @@ def phantom_batch(rng: np.random.Generator, grid: ModelGrid, batch: int) -> tupl
     return torch.from_numpy(np.stack(images).copy()), torch.from_numpy(np.stack(conditions))
 
 
-def train(steps: int, batch: int, lr: float, seed: int, out: Path, ema_decay: float = 0.995) -> None:
+def train(steps: int, batch: int, lr: float, seed: int, out: Path, init: Path | None, ema_decay: float) -> None:
     preset = get_preset("demo")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -50,7 +50,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, ema_decay: fl
     affine = np.diag([*preset.image.voxel_size_mm, 1.0])
     grid = ModelGrid(preset.image.mask_shape, affine, preset)
 
-    unet = build_unet(preset).to(device)
+    unet = (load_checkpoint(init, preset).unet if init else build_unet(preset)).to(device)
     ema = copy.deepcopy(unet).eval()
     model = ConditionalDenoiser(unet)
     noise_schedule = DDPMScheduler(num_train_timesteps=preset.schedule.timesteps, beta_schedule=preset.schedule.beta_schedule)
@@ -88,10 +88,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("models/demo/model_demo.pt"))
+    parser.add_argument("--init", type=Path, help="continue from this checkpoint's weights (Med-DDPM layout)")
+    parser.add_argument("--ema-decay", type=float, default=0.995)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    train(args.steps, args.batch, args.lr, args.seed, args.out)
+    train(args.steps, args.batch, args.lr, args.seed, args.out, args.init, args.ema_decay)
 
 
 if __name__ == "__main__":
