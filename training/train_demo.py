@@ -5,7 +5,7 @@
 The network is the "demo" preset of meddpm/presets.toml (Med-DDPM architecture, 16 channels, 32^3 grid).
 Training is Med-DDPM's objective: epsilon prediction with a uniformly drawn timestep, mean squared error,
 on the preset's cosine schedule; weights are an exponential moving average, as Med-DDPM samples with.
-Fits a 2-core CPU: about 0.8 s a step at batch 4, 40 minutes in all; a GPU is used when present.
+Fits a 2-core CPU: about 1.3 s a step at batch 4, 65 minutes in all; a GPU is used when present.
 """
 
 from __future__ import annotations
