@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +14,7 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from app.preview import write_preview
 from app.report import RunReport
 from app.synthesis_operator import Synthesis
-from meddpm.atomic import replace_folder
+from meddpm.atomic import staged_folder
 from meddpm.served_model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -53,10 +51,8 @@ class OutputWriterOperator(Operator):
             log.info("%s: wrote %s", synthesis.mask.name, folder)
 
     def write(self, synthesis: Synthesis) -> Path:
-        self._output_folder.mkdir(parents=True, exist_ok=True)
         target = self._output_folder / synthesis.mask.name
-        staging = Path(tempfile.mkdtemp(prefix=f".{synthesis.mask.name}.partial-", dir=self._output_folder))
-        try:
+        with staged_folder(target) as staging:
             channels = self._model.preset.image.channels
             outputs = []
             for index, volume in enumerate(synthesis.samples):
@@ -67,9 +63,6 @@ class OutputWriterOperator(Operator):
             write_preview(staging / "preview.png", synthesis.mask, synthesis.samples[0], channels)
             record = self._record(synthesis, outputs + ["preview.png"])
             (staging / "record.json").write_text(json.dumps(record, indent=2) + "\n")
-            replace_folder(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def _write_nifti(self, path: Path, volume: np.ndarray, affine: np.ndarray) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 from nibabel import orientations
 from PIL import Image
 
+from meddpm.geometry import reorder, voxel_sizes
 from meddpm.masks import LabelMask
 
 PANEL_PIXELS = 192  # each slice is scaled (nearest neighbour) to about this height
@@ -19,10 +20,7 @@ LABEL_COLOURS = np.array(
 def write_preview(path: Path, mask: LabelMask, image: np.ndarray, channel_names: tuple[str, ...]) -> None:
     """image: (C, X, Y, Z) on the mask's grid, model range [-1, 1]."""
     to_ras = orientations.ornt_transform(orientations.io_orientation(mask.affine), orientations.axcodes2ornt("RAS"))
-    zooms = np.sqrt((mask.affine[:3, :3] ** 2).sum(axis=0))
-    ras_zooms = np.empty(3)
-    for axis, (new_axis, _) in enumerate(to_ras):
-        ras_zooms[int(new_axis)] = zooms[axis]
+    ras_zooms = reorder(voxel_sizes(mask.affine), to_ras)
     labels = orientations.apply_orientation(mask.labels, to_ras)
     rows = [_row(labels, ras_zooms, lambda s: LABEL_COLOURS[s % len(LABEL_COLOURS)])]
     for channel in range(len(channel_names)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -103,8 +104,6 @@ def verification_grids(preset: Preset) -> list[tuple[int, int, int]]:
 
 def verify_onnx(path: Path, model: ConditionalDenoiser, preset: Preset) -> Verification:
     """Run the graph with ONNX Runtime on random inputs and compare with the PyTorch model."""
-    import time
-
     started = time.monotonic()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     last = float(preset.schedule.timesteps - 1)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from meddpm.atomic import replace_folder, write_text
+from meddpm.atomic import staged_folder, write_text
 from meddpm.presets import Preset
 from meddpm.served_model import MANIFEST, VARIANT_SUFFIXES
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
@@ -84,18 +83,12 @@ def package_versions() -> dict[str, str]:
 def write_entry(repository: Path, name: str, config: mc.ModelConfig, files: dict[str, Path], manifest: dict) -> Path:
     """Write NAME/config.pbtxt and NAME/1/{files, manifest.json}; version 1 is replaced atomically."""
     entry = repository / name
-    entry.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=entry))
-    try:
+    with staged_folder(entry / "1") as staging:
         for target, source in files.items():
             _link_or_copy(source, staging / target)
         (staging / MANIFEST).write_text(json.dumps(manifest | {"triton_model": name}, indent=2) + "\n")
-        version = entry / "1"
-        replace_folder(staging, version)
-        (version / ".gitkeep").touch()
-        write_text(entry / "config.pbtxt", config_text(config))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        (staging / ".gitkeep").touch()
+    write_text(entry / "config.pbtxt", config_text(config))
     return entry
 
 

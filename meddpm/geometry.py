@@ -28,17 +28,12 @@ class ModelGrid:
         self._to_canonical = orientations.ornt_transform(source_ornt, target_ornt)
         self._from_canonical = orientations.ornt_transform(target_ornt, source_ornt)
 
-        zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-        canonical_shape = np.zeros(3, dtype=int)
-        canonical_zooms = np.zeros(3)
-        for axis, (new_axis, _flip) in enumerate(self._to_canonical):
-            canonical_shape[int(new_axis)] = self.source_shape[axis]
-            canonical_zooms[int(new_axis)] = zooms[axis]
-        self.canonical_shape = tuple(int(s) for s in canonical_shape)
+        self.canonical_shape = tuple(int(s) for s in reorder(self.source_shape, self._to_canonical))
+        canonical_zooms = reorder(voxel_sizes(affine), self._to_canonical)
         target_zooms = np.asarray(preset.image.voxel_size_mm, dtype=float)
         self.resampled = not np.allclose(canonical_zooms, target_zooms, rtol=VOXEL_SIZE_RTOL)
         self.resampled_shape = (
-            tuple(max(1, int(round(s * z / t))) for s, z, t in zip(canonical_shape, canonical_zooms, target_zooms))
+            tuple(max(1, int(round(s * z / t))) for s, z, t in zip(self.canonical_shape, canonical_zooms, target_zooms))
             if self.resampled
             else self.canonical_shape
         )
@@ -75,6 +70,19 @@ class ModelGrid:
     def network_axes(self, volume: np.ndarray) -> np.ndarray:
         """Swap between mask axis order and network axis order (the swap is its own inverse)."""
         return volume.transpose(2, 1, 0) if self.preset.image.axis_order == "reversed" else volume
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel size along each array axis, in mm."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def reorder(per_axis, transform: np.ndarray) -> np.ndarray:
+    """Per-axis values (shape, voxel sizes) in the axis order that nibabel's `transform` produces."""
+    out = np.zeros(len(per_axis))
+    for axis, (new_axis, _flip) in enumerate(transform):
+        out[int(new_axis)] = per_axis[axis]
+    return out
 
 
 def condition_channels(network_labels: np.ndarray, preset: Preset) -> np.ndarray:
