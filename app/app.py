@@ -9,9 +9,12 @@ failing mask is reported and the others go on.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,12 +24,13 @@ from monai.deploy.core import Application
 from app.mask_loader_operator import MaskLoaderOperator
 from app.output_writer_operator import OutputWriterOperator
 from app.report import RunReport
-from app.settings import parse_settings, settings_help
+from app.settings import SamplingSettings, parse_settings, settings_help
 from app.synthesis_operator import SamplingPlan, SynthesisOperator
 from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
-from meddpm.errors import ConfigurationError, MedDDPMError
+from meddpm.errors import Interrupted, MedDDPMError
 from meddpm.masks import find_masks
 from meddpm.served_model import ServedModel, find_model
+from meddpm.triton_denoiser import RetryPolicy, TritonDenoiser
 
 log = logging.getLogger("app")
 
@@ -35,6 +39,8 @@ USAGE = """usage: python -m app [-i INPUT] [-o OUTPUT] [-m MODEL_REPOSITORY] [-l
   -i/--input   NIfTI label mask or folder of masks   (HOLOSCAN_INPUT_PATH, default: input)
   -o/--output  output folder, one subfolder per mask (HOLOSCAN_OUTPUT_PATH, default: output)
   -m/--model   Triton model repository from `python -m export` (HOLOSCAN_MODEL_PATH, default: models)
+  --triton-server-netloc HOST:PORT  run the UNet on this Triton server over gRPC (TRITON_SERVER_NETLOC);
+               the model's manifest is still read from -m
   -l/--log-level DEBUG|INFO|WARN|ERROR
 
 Sampling settings:
@@ -80,18 +86,40 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
     """Resolve the SDK's paths and our settings into a job, or raise a MedDDPMError saying what to fix."""
     settings, sdk_args = parse_settings(argv[1:])
     context = Application.init_app_context([argv[0], *sdk_args])
-    if context.triton_server_netloc:
-        raise ConfigurationError(
-            f"a Triton server was given ({context.triton_server_netloc}) but this version runs the UNet in "
-            f"process only; unset TRITON_SERVER_NETLOC / drop --triton-server-netloc"
-        )
     model = find_model(Path(context.model_path), settings.model_name, settings.preset)
     plan = SamplingPlan.resolve(settings, model)
     masks = find_masks(Path(context.input_path))
-    denoiser = OnnxRuntimeDenoiser(model.onnx_path, settings.threads)
+    denoiser = make_denoiser(context.triton_server_netloc, model, settings)
     log.info("model %s (preset %s), scheduler %s, %d steps, seeds %s, %d mask(s)", model.name, model.preset.name,
              plan.scheduler, plan.steps, plan.seeds, len(masks))
     return SynthesisJob(model, denoiser, plan, masks, Path(context.output_path), settings.rescale)
+
+
+def make_denoiser(triton_url: str | None, model: ServedModel, settings: SamplingSettings) -> Denoiser:
+    """The Triton server when an address is given (TRITON_SERVER_NETLOC / --triton-server-netloc), else in process."""
+    if not triton_url:
+        return OnnxRuntimeDenoiser(model.onnx_path, settings.threads)
+    policy = RetryPolicy(deadline_s=settings.triton_deadline, window_s=settings.triton_retry_window)
+    return TritonDenoiser(triton_url, model, settings.triton_model, settings.triton_transport, policy)
+
+
+def run_graph(app: SynthesisApp, report: RunReport) -> None:
+    """Run the graph; Ctrl-C or SIGTERM stop the loop between steps, so that its cleanup (a Triton server's
+    shared memory registrations) runs. Holoscan's own handler, installed as the graph starts, would end the
+    process after 3 s without it, so ours replaces it once the graph is running."""
+    finished = app.run_async()
+    while not (report.graph_started.wait(0.1) or finished.done()):
+        pass
+    handlers = {sig: signal.signal(sig, lambda *_: report.stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                finished.result(timeout=0.5)
+                break
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        app.shutdown_async_executor()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     except MedDDPMError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    SynthesisApp(job).run()
+    run_graph(SynthesisApp(job), job.report)
     print(job.report.summary())
     for folder in job.report.written.values():
         print(f"synthetic volume(s) and preview in {folder} (preview: {Path(folder) / 'preview.png'})")
+    if job.report.stop.is_set():  # by a signal, or by a lost server
+        return (job.report.stopped_by or Interrupted).exit_code
     return 1 if job.report.failed else 0
 
 

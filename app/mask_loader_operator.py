@@ -35,6 +35,9 @@ class MaskLoaderOperator(Operator):
 
     def compute(self, op_input, op_output, context):
         path = self._pending.pop(0)
+        if self._report.stop.is_set():
+            self._report.failed[mask_name(path)] = "skipped: the run was stopped"
+            return
         with self._report.step(mask_name(path)):
             mask = read_mask(path, self._preset)
             log.info("mask %s: %s voxels, labels %s", mask.name, "x".join(map(str, mask.labels.shape)),

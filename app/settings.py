@@ -15,6 +15,7 @@ from typing import Any
 from meddpm.errors import ConfigurationError
 from meddpm.presets import SCHEDULERS
 from meddpm.sampling import FAST_DEFAULT_STEPS
+from meddpm.triton_denoiser import TRANSPORTS, RetryPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of seconds")
+    return value
+
+
+def _transport(text: str) -> str:
+    if text not in TRANSPORTS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a transport; choose one of {', '.join(TRANSPORTS)}")
+    return text
+
+
 def _scheduler(text: str) -> str:
     if text not in SCHEDULERS:
         raise argparse.ArgumentTypeError(f"'{text}' is not a scheduler; choose one of {', '.join(SCHEDULERS)}")
@@ -64,6 +78,14 @@ SETTINGS = (
     Setting("batch_size", "MEDDPM_BATCH_SIZE", _positive, 1, "samples sent through the UNet together"),
     Setting("rescale", "MEDDPM_RESCALE", _rescale, None, "MIN,MAX: map the model range [-1, 1] linearly onto it"),
     Setting("threads", "MEDDPM_THREADS", int, 0, "ONNX Runtime intra-op threads (0: one per core)"),
+    Setting("triton_model", "MEDDPM_TRITON_MODEL", str, None, "served model to call (default: NAME or NAME_cpu, "
+            "whichever is ready)"),
+    Setting("triton_transport", "MEDDPM_TRITON_TRANSPORT", _transport, "auto", "shm: shared memory (same host); "
+            "network: tensors in the gRPC messages; auto: shm when the server is on this host and can map it"),
+    Setting("triton_deadline", "MEDDPM_TRITON_DEADLINE", _seconds, RetryPolicy.deadline_s, "seconds one UNet call "
+            "may take before it is retried"),
+    Setting("triton_retry_window", "MEDDPM_TRITON_RETRY_WINDOW", _seconds, RetryPolicy.window_s, "seconds to wait "
+            "for a server that is away (at the start, or restarting mid-run) before giving up"),
 )
 
 
@@ -78,6 +100,10 @@ class SamplingSettings:
     batch_size: int = 1
     rescale: tuple[float, float] | None = None
     threads: int = 0
+    triton_model: str | None = None
+    triton_transport: str = "auto"
+    triton_deadline: float = RetryPolicy.deadline_s
+    triton_retry_window: float = RetryPolicy.window_s
 
 
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> tuple[SamplingSettings, list[str]]:

@@ -71,6 +71,9 @@ class SynthesisOperator(Operator):
         spec.input(self.input_name_mask)
         spec.output(self.output_name_synthesis)
 
+    def start(self):
+        self._report.graph_started.set()
+
     def compute(self, op_input, op_output, context):
         mask: LabelMask = op_input.receive(self.input_name_mask)
         with self._report.step(mask.name):
@@ -87,7 +90,7 @@ class SynthesisOperator(Operator):
         for number, seeds in enumerate(batches, 1):
             label = f"{mask.name} batch {number}/{len(batches)}"
             images.append(sample(self._denoiser, condition, preset.out_channels, plan.scheduler, plan.steps,
-                                 preset.schedule, seeds, StepProgress(label)))
+                                 preset.schedule, seeds, StepProgress(label), self._report.stop))
         sampled = time.monotonic()
         samples = [grid.image_from_network(image) for image in np.concatenate(images)]
         record = {

@@ -33,3 +33,15 @@ class ModelError(MedDDPMError):
 
 class ExportVerificationError(ModelError):
     """The exported graph does not compute what the PyTorch model computes."""
+
+
+class ServerError(MedDDPMError):
+    """The inference server cannot be reached, or stopped answering and did not come back."""
+
+    exit_code = 6
+
+
+class Interrupted(MedDDPMError):
+    """The run was stopped by Ctrl-C or SIGTERM."""
+
+    exit_code = 130

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMS
 from diffusers.utils.torch_utils import randn_tensor
 
 from meddpm.denoisers import Denoiser
-from meddpm.errors import ConfigurationError
+from meddpm.errors import ConfigurationError, Interrupted
 from meddpm.presets import SCHEDULERS, ScheduleConfig
 
 Progress = Callable[[int, int, float], None]  # (steps done, steps in all, seconds elapsed)
@@ -86,8 +87,12 @@ def sample(
     schedule: ScheduleConfig,
     seeds: list[int],
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> np.ndarray:
-    """Synthesise len(seeds) images for one condition (L, D, H, W); returns (B, C, D, H, W) in [-1, 1]."""
+    """Synthesise len(seeds) images for one condition (L, D, H, W); returns (B, C, D, H, W) in [-1, 1].
+
+    Setting `stop` ends the loop before its next step with `Interrupted`.
+    """
     check_steps(scheduler_name, steps, schedule)
     scheduler = make_scheduler(scheduler_name, schedule)
     scheduler.set_timesteps(steps)
@@ -100,6 +105,8 @@ def sample(
     started = time.monotonic()
     with denoiser.conditioned(conditions) as predict_noise:
         for i, t in enumerate(scheduler.timesteps):
+            if stop is not None and stop.is_set():
+                raise Interrupted(f"stopped at step {i + 1} of {len(scheduler.timesteps)}; nothing was written")
             timestep = np.full((batch,), float(t), dtype=np.float32)
             epsilon = torch.from_numpy(predict_noise(x.numpy(), timestep))
             epsilon = clip_x0_in_epsilon(epsilon, x, alphas_cumprod[int(t)])

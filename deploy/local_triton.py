@@ -1,0 +1,171 @@
+"""A local Triton Inference Server on loopback, serving the CPU variants of a model repository.
+
+The server is the real `tritonserver` binary that the nvidia-pytriton wheel carries, run from its own virtual
+environment (`scripts/setup_triton.sh` makes `.venv-triton`). It has the python backend but no ONNX Runtime
+backend, so it loads the `<name>_cpu` entries that `python -m export` writes: the same graph, same tensor
+names, run by ONNX Runtime inside the python backend.
+
+    python -m deploy.local_triton --repository model_repository      # serves until Ctrl-C
+
+Tests use `LocalTriton` directly: start(), stop(), kill(), and the same ports again after a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from meddpm.errors import ConfigurationError, ServerError
+from meddpm.served_model import MANIFEST
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VENV = REPO / ".venv-triton"
+CPU_SUFFIX = "_cpu"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_models(repository: Path) -> list[str]:
+    """The exported CPU entries of a repository (those with weights written by `python -m export`)."""
+    return sorted(p.name for p in repository.glob(f"*{CPU_SUFFIX}") if (p / "1" / MANIFEST).is_file())
+
+
+class LocalTriton:
+    """One tritonserver process with explicit model control, loading the repository's CPU entries."""
+
+    def __init__(self, repository: Path, venv: Path = DEFAULT_VENV, grpc_port: int | None = None,
+                 http_port: int | None = None, log_path: Path | None = None):
+        self.repository = Path(repository).resolve()
+        self.venv = Path(venv)
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.log_path = log_path or self.repository.parent / f"tritonserver-{self.grpc_port}.log"
+        self.models = cpu_models(self.repository)
+        self.process: subprocess.Popen | None = None
+        if not self.models:
+            raise ConfigurationError(
+                f"{self.repository}: no exported <name>{CPU_SUFFIX} model to serve; run `python -m export` into it first"
+            )
+
+    @property
+    def url(self) -> str:
+        """The gRPC address, as TRITON_SERVER_NETLOC takes it."""
+        return f"localhost:{self.grpc_port}"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        server = self._server_folder()
+        command = [
+            str(server / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={server / 'backends'}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in self.models),
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+            "--allow-metrics=false",
+            "--exit-timeout-secs=10",
+        ]
+        environment = {
+            **os.environ,
+            "PATH": f"{self.venv / 'bin'}:{os.environ.get('PATH', '')}",
+            "VIRTUAL_ENV": str(self.venv),
+            "LD_LIBRARY_PATH": str(server.parent.parent / "nvidia_pytriton.libs"),
+        }
+        environment.pop("PYTHONPATH", None)
+        return command, environment
+
+    def start(self, timeout_s: float = 120.0) -> LocalTriton:
+        """Start the server and wait until it and every model are ready."""
+        command, environment = self.command()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
+                                  f"see {self.log_path}")
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s; see {self.log_path}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as answer:
+                return answer.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ask the server to exit (SIGTERM), then kill it if it does not."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGCONT)  # a paused server cannot exit
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """Kill the server at once, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> LocalTriton:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _server_folder(self) -> Path:
+        found = sorted(self.venv.glob("lib/python3*/site-packages/pytriton/tritonserver"))
+        if not found or not (found[0] / "backends" / "python" / "triton_python_backend_stub").exists():
+            raise ConfigurationError(
+                f"{self.venv}: no tritonserver with its python backend stub there; run scripts/setup_triton.sh"
+            )
+        return found[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.local_triton", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repository", type=Path, default=REPO / "model_repository",
+                        help="model repository written by `python -m export` (default: model_repository)")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="made by scripts/setup_triton.sh")
+    args = parser.parse_args(argv)
+    try:
+        server = LocalTriton(args.repository, args.venv, args.grpc_port, args.http_port,
+                             log_path=Path(f"tritonserver-{args.grpc_port}.log")).start()
+    except (ConfigurationError, ServerError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    print(f"Triton ready: gRPC {server.url}, models {', '.join(server.models)}; log {server.log_path}. "
+          f"Ctrl-C stops it.", flush=True)
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0 if server.process.returncode in (0, -signal.SIGTERM) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
