@@ -80,6 +80,18 @@ def presets(test_presets_file) -> dict[str, Preset]:
     return load_presets(test_presets_file)
 
 
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory) -> Path:
+    """The committed demo model exported into a fresh model repository."""
+    from export.cli import main as export_main
+
+    if not DEMO_CHECKPOINT.exists():
+        pytest.fail(f"{DEMO_CHECKPOINT} is missing: it is committed; run training/train_demo.py to recreate it")
+    repo = tmp_path_factory.mktemp("repo")
+    assert export_main(["--checkpoint", str(DEMO_CHECKPOINT), "--preset", "demo", "--repository", str(repo)]) == 0
+    return repo
+
+
 def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
     """Give every parameter random values (a fresh Med-DDPM model outputs exactly zero)."""
     generator = torch.Generator().manual_seed(seed)

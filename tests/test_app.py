@@ -14,21 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.cli import main as export_main
 from meddpm.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
-from tests.conftest import DEMO_CHECKPOINT, REPO
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 PATIENT = "Doe^Jane 1970-01-01"
-
-
-@pytest.fixture(scope="module")
-def demo_repository(tmp_path_factory):
-    if not DEMO_CHECKPOINT.exists():
-        pytest.fail(f"{DEMO_CHECKPOINT} is missing: it is committed; run training/train_demo.py to recreate it")
-    repo = tmp_path_factory.mktemp("repo")
-    assert export_main(["--checkpoint", str(DEMO_CHECKPOINT), "--preset", "demo", "--repository", str(repo)]) == 0
-    return repo
 
 
 def run_app(*args, env=None):
@@ -167,8 +157,3 @@ def test_manifest_that_does_not_match_the_graph(demo_repository, masks, tmp_path
     result = run_app("-i", masks, "-o", tmp_path / "out", "-m", repo)
     assert result.returncode == 5 and "do not belong together" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-
-
-def test_triton_address_is_refused_until_served(demo_repository, masks, tmp_path):
-    result = run_app("-i", masks, "-o", tmp_path, "-m", demo_repository, env={"TRITON_SERVER_NETLOC": "localhost:8001"})
-    assert result.returncode == 2 and "in process only" in result.stderr
