@@ -37,7 +37,7 @@ STEPS = 4
 def served_repository(demo_repository, presets, test_presets_file, tmp_path_factory):
     """The demo model, plus a model of another preset (16^3 grid) to be called by mistake."""
     if not (DEFAULT_VENV / "bin" / "python").exists():
-        pytest.fail(f"{DEFAULT_VENV} is missing: run scripts/setup_triton.sh (scripts/setup.sh does)")
+        pytest.fail(f"{DEFAULT_VENV} is missing: run scripts/setup_triton.sh (scripts/test.sh does)")
     repository = tmp_path_factory.mktemp("served") / "models"
     shutil.copytree(demo_repository, repository)
     checkpoint = repository.parent / "other.pt"
