@@ -1,0 +1,267 @@
+"""The sampling loop, side by side in one run: Med-DDPM's reference loop, ours in process, ours on Triton.
+
+    python -m benchmarks.sampling_loop [--grids 32 64] [--steps 20] [--repeats 5] [--backends ...] [--json FILE]
+
+Backends (all on the demo model, exported at each grid: its weights are convolutions, any grid divisible by 4):
+- reference: Med-DDPM's own loop: the PyTorch UNet in eager mode, the condition concatenated every step, its
+  DDPM posterior step (x0 clipped) with the schedule buffers it stores;
+- onnxruntime: our loop (meddpm.sampling, diffusers scheduler) with ONNX Runtime in process, the app's default;
+- triton-network, triton-shm: our loop against the local Triton server (deploy/local_triton.py) over gRPC,
+  tensors in the messages or in system shared memory.
+Every backend runs `steps` steps from the same condition and seed, repeated; the order rotates every repeat so
+that machine noise falls on all alike. Per step it separates the UNet call (for Triton: the round trip) from
+the rest of the loop (scheduler math, copies). Peak resident memory is read per backend (Linux VmHWM, reset
+before each backend's runs); for Triton the server's processes are added. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deploy.local_triton import LocalTriton
+from export.cli import main as export_main
+from meddpm.checkpoint import load_checkpoint
+from meddpm.denoisers import Denoiser, NoisePredictor, OnnxRuntimeDenoiser
+from meddpm.geometry import condition_channels
+from meddpm.phantoms import make_phantom
+from meddpm.presets import get_preset
+from meddpm.sampling import sample
+from meddpm.schedule import betas, meddpm_buffers
+from meddpm.served_model import ServedModel, find_model
+from meddpm.triton_denoiser import TritonDenoiser
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"
+BACKENDS = ("reference", "onnxruntime", "triton-network", "triton-shm")
+
+
+@dataclasses.dataclass
+class Run:
+    """One volume: the image, each step's duration and the UNet call's share of it."""
+
+    image: np.ndarray
+    step_s: list[float]
+    unet_s: list[float]
+    volume_s: float
+
+
+class TimedDenoiser(Denoiser):
+    """Wraps a denoiser and records how long each UNet call takes."""
+
+    def __init__(self, inner: Denoiser):
+        self.inner = inner
+        self.name = inner.name
+        self.calls: list[float] = []
+
+    def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
+        with self.conditioned(condition) as predict_noise:
+            return predict_noise(noisy_image, timestep)
+
+    @contextlib.contextmanager
+    def conditioned(self, condition: np.ndarray) -> Iterator[NoisePredictor]:
+        with self.inner.conditioned(condition) as predict_noise:
+            def timed(noisy_image: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+                started = time.perf_counter()
+                noise = predict_noise(noisy_image, timestep)
+                self.calls.append(time.perf_counter() - started)
+                return noise
+
+            yield timed
+
+
+def our_loop(denoiser: Denoiser, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
+    timed = TimedDenoiser(denoiser)
+    marks = []
+    started = time.perf_counter()
+    image = sample(timed, condition, model.preset.out_channels, "ddim", steps, model.preset.schedule, [seed],
+                   progress=lambda done, total, elapsed: marks.append(time.perf_counter()))
+    volume = time.perf_counter() - started
+    return Run(image, np.diff([started, *marks]).tolist(), timed.calls, volume)
+
+
+def reference_loop(unet: torch.nn.Module, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
+    """Med-DDPM's p_sample_loop for the first `steps` of its 250 DDPM steps (a step costs the same at any t)."""
+    buffers = meddpm_buffers(betas(model.preset.schedule))
+    generator = torch.Generator().manual_seed(seed)
+    c = torch.from_numpy(condition)[None]
+    x = torch.randn((1, model.preset.out_channels, *condition.shape[1:]), generator=generator)
+    step_s, unet_s = [], []
+    started = time.perf_counter()
+    with torch.no_grad():
+        for t in range(model.preset.schedule.timesteps - 1, model.preset.schedule.timesteps - 1 - steps, -1):
+            step_start = time.perf_counter()
+            timestep = torch.full((1,), t, dtype=torch.long)
+            eps = unet(torch.cat([x, c], dim=1), timestep)
+            unet_s.append(time.perf_counter() - step_start)
+            x0 = (buffers["sqrt_recip_alphas_cumprod"][t] * x - buffers["sqrt_recipm1_alphas_cumprod"][t] * eps).clamp(-1, 1)
+            mean = buffers["posterior_mean_coef1"][t] * x0 + buffers["posterior_mean_coef2"][t] * x
+            noise = torch.randn(x.shape, generator=generator) if t > 0 else torch.zeros_like(x)
+            x = mean + (0.5 * buffers["posterior_log_variance_clipped"][t]).exp() * noise
+            step_s.append(time.perf_counter() - step_start)
+    return Run(x.numpy(), step_s, unet_s, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def memory_growth(pids: list[int]) -> Iterator[dict]:
+    """How far the resident memory of some processes rose above where it stood (MiB): VmHWM reset, then read."""
+    before = 0
+    for pid in pids:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before += _status_kib(pid, "VmRSS")
+    figures = {}
+    yield figures
+    figures["rss_growth_mib"] = (sum(_status_kib(pid, "VmHWM") for pid in pids) - before) / 1024
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(f"{field} not in /proc/{pid}/status")
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (Triton's python backend runs models in stub processes)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += process_tree(int(child))
+    return found
+
+
+def demo_at_grid(side: int, folder: Path) -> ServedModel:
+    """The demo checkpoint exported for a side^3 grid (voxels scaled to cover the same head)."""
+    demo = get_preset("demo")
+    voxel = demo.image.voxel_size_mm[0] * demo.image.grid[0] / side
+    lines = [f"[presets.demo-{side}]", 'description = "demo model on another grid (benchmark)"']
+    for section, table in demo.to_dict().items():
+        if isinstance(table, dict):
+            lines.append(f"[presets.demo-{side}.{section}]")
+            overrides = {"grid": [side] * 3, "voxel_size_mm": [voxel] * 3}
+            lines += [f"{key} = {json.dumps(overrides.get(key, value))}" for key, value in table.items()]
+    presets_file = folder / f"demo-{side}.toml"
+    presets_file.write_text("\n".join(lines) + "\n")
+    repository = folder / f"repository-{side}"
+    assert export_main(["--checkpoint", str(DEMO_CHECKPOINT), "--preset", f"demo-{side}", "--presets",
+                        str(presets_file), "--repository", str(repository), "--name", "meddpm_bench"]) == 0
+    return find_model(repository, "meddpm_bench")
+
+
+def bytes_per_step(model: ServedModel) -> dict[str, int]:
+    """Bytes one step moves for one sample (computed from the tensor shapes)."""
+    voxels = int(np.prod(model.preset.image.grid))
+    image = model.preset.out_channels * voxels * 4
+    condition = len(model.preset.condition.labels) * voxels * 4
+    return {"reference": 0, "onnxruntime": 0, "triton-network": 2 * image + condition + 4,
+            "triton-shm": 2 * image + 4, "triton-shm once per volume": condition}
+
+
+def measure_grid(side: int, steps: int, repeats: int, backends: list[str], folder: Path) -> dict:
+    model = demo_at_grid(side, folder)
+    labels, _ = make_phantom(np.random.default_rng(0), model.preset.image.grid, model.preset.image.voxel_size_mm[0])
+    condition = condition_channels(labels, model.preset)
+    with contextlib.ExitStack() as stack:
+        runners = {}
+        if "reference" in backends:
+            unet = load_checkpoint(DEMO_CHECKPOINT, model.preset).unet.eval()
+            runners["reference"] = lambda seed: reference_loop(unet, model, condition, steps, seed)
+        if "onnxruntime" in backends:
+            ort = OnnxRuntimeDenoiser(model.onnx_path)
+            runners["onnxruntime"] = lambda seed: our_loop(ort, model, condition, steps, seed)
+        if any(b.startswith("triton") for b in backends):
+            server = stack.enter_context(LocalTriton(model.folder.parent, log_path=folder / f"triton-{side}.log"))
+            for backend in (b for b in backends if b.startswith("triton")):
+                denoiser = TritonDenoiser(server.url, model, transport=backend.removeprefix("triton-"))
+                runners[backend] = lambda seed, d=denoiser: our_loop(d, model, condition, steps, seed)
+        for run in runners.values():  # warm-up: sessions, connections, the server's first batch
+            run(seed=0)
+        runs, growth = {name: [] for name in runners}, {name: 0.0 for name in runners}
+        for repeat in range(repeats):
+            order = list(runners)[repeat % len(runners):] + list(runners)[:repeat % len(runners)]
+            for name in order:
+                pids = [os.getpid(), *(process_tree(server.process.pid) if name.startswith("triton") else [])]
+                with memory_growth(pids) as figures:
+                    runs[name].append(runners[name](seed=1))
+                growth[name] = max(growth[name], figures["rss_growth_mib"])
+    return summarise(side, steps, repeats, runs, growth, bytes_per_step(model))
+
+
+def summarise(side: int, steps: int, repeats: int, runs: dict[str, list[Run]], growth: dict, moved: dict) -> dict:
+    result = {"grid": side, "steps": steps, "repeats": repeats, "backends": {},
+              "shm_condition_bytes_once": moved["triton-shm once per volume"]}
+    for name, backend_runs in runs.items():
+        steps_s = [s for r in backend_runs for s in r.step_s[1:]]  # the first step also pays the run's setup
+        outside = [1 - u / s for r in backend_runs for s, u in zip(r.step_s[1:], r.unet_s[1:])]
+        volumes = [r.volume_s for r in backend_runs]
+        result["backends"][name] = {
+            "step_ms_median": 1e3 * statistics.median(steps_s),
+            "step_ms_iqr": 1e3 * float(np.subtract(*np.percentile(steps_s, [75, 25]))),
+            "volume_s_median": statistics.median(volumes), "volume_s_min": min(volumes), "volume_s_max": max(volumes),
+            "outside_unet_share": statistics.median(outside),
+            "rss_growth_mib": growth[name],
+            "bytes_per_step": moved[name],
+        }
+    for base in ("reference", "onnxruntime"):
+        if base in result["backends"]:
+            for figures in result["backends"].values():
+                figures[f"step_ratio_vs_{base}"] = figures["step_ms_median"] / result["backends"][base]["step_ms_median"]
+                figures[f"volume_ratio_vs_{base}"] = figures["volume_s_median"] / result["backends"][base]["volume_s_median"]
+    if "onnxruntime" in runs:  # our loop gives one image whatever runs the UNet
+        ours = runs["onnxruntime"][-1].image
+        for name in runs.keys() - {"reference", "onnxruntime"}:
+            result["backends"][name]["max_abs_diff_vs_onnxruntime"] = float(np.abs(runs[name][-1].image - ours).max())
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| grid | loop | ms/step (median ± IQR) | s/volume (median, min-max) | outside UNet | step ratio vs "
+             "reference | step ratio vs onnxruntime | volume ratio vs onnxruntime | MiB moved/step | RSS growth MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for name, f in r["backends"].items():
+            ratios = [f.get(key) for key in ("step_ratio_vs_reference", "step_ratio_vs_onnxruntime",
+                                             "volume_ratio_vs_onnxruntime")]
+            lines.append(
+                f"| {r['grid']}³ | {name} | {f['step_ms_median']:.1f} ± {f['step_ms_iqr']:.1f} | "
+                f"{f['volume_s_median']:.2f} ({f['volume_s_min']:.2f}-{f['volume_s_max']:.2f}) | "
+                f"{100 * f['outside_unet_share']:.1f}% | "
+                + " | ".join("-" if v is None else f"{v:.3f}" for v in ratios)
+                + f" | {f['bytes_per_step'] / 2**20:.2f} | {f['rss_growth_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sampling_loop", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grids", type=int, nargs="+", default=[32, 64], help="cube sides, multiples of 4")
+    parser.add_argument("--steps", type=int, default=20, help="steps per volume")
+    parser.add_argument("--repeats", type=int, default=5, help="volumes per loop and grid")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        results = [measure_grid(side, args.steps, args.repeats, args.backends, Path(folder)) for side in args.grids]
+    header = (f"{platform.node()}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}: demo model, "
+              f"{args.steps} steps a volume, batch 1, {args.repeats} volumes per loop (after one warm-up)")
+    print(header)
+    print(table(results))
+    print("MiB moved/step: tensor bytes over gRPC (network) or through shared memory (shm; the condition goes in "
+          "once per volume); RSS growth: peak resident memory above the level before the run, client + server")
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
