@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from meddpm.dicom_input import DicomSource
-from meddpm.errors import ConfigurationError, InputError
+from meddpm.errors import InputError
 
 IDENTITY_POLICIES = ("pseudonymous", "keep-study")
 KEEP_STUDY_ATTRIBUTES = (
@@ -41,14 +41,6 @@ MANUFACTURER = "meddpm-deploy"
 class DicomOptions:
     identity: str = "pseudonymous"
     copy: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if self.identity not in IDENTITY_POLICIES:
-            raise ConfigurationError(f"identity policy '{self.identity}' is unknown; choose one of "
-                                     f"{', '.join(IDENTITY_POLICIES)}")
-        unknown = [k for k in self.copy if k not in COPYABLE_ATTRIBUTES]
-        if unknown:
-            raise ConfigurationError(f"attributes {unknown} cannot be copied; choose from {', '.join(COPYABLE_ATTRIBUTES)}")
 
 
 @dataclasses.dataclass(frozen=True)
