@@ -137,10 +137,10 @@ def read_dicom_mask(source: DicomMaskInput, preset: Preset, segment_map: Segment
         path = source.files[0]
         try:
             pydicom.dcmread(path)
+            detail = "no SOP Class UID or Series Instance UID found"
         except Exception as error:
-            raise InputError(f"{path}: cannot be read as DICOM ({type(error).__name__}: {error}); replace the "
-                             f"file with an intact copy") from None
-        raise InputError(f"{path}: lacks SOP Class or Series Instance UID; every DICOM object needs both")
+            detail = f"{type(error).__name__}: {error}"
+        raise InputError(f"{path}: cannot be read as DICOM ({detail}); replace the file with an intact copy")
     if source.kind == "seg":
         labels, affine, datasets = _read_seg(source.files[0], preset, segment_map)
         where = str(source.files[0])

