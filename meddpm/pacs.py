@@ -125,6 +125,10 @@ class PacsExporter:
             for files in series:
                 for path in files:
                     status = assoc.send_c_store(path)
+                    if "Status" not in status and stored == 0:
+                        raise _Transient(f"{destination} aborted the association before the first instance was stored "
+                                         f"(a PACS does so for a calling AE title it does not know: register "
+                                         f"'{self.calling_ae}' with it, or set --pacs-calling-ae)")
                     if "Status" not in status:
                         raise _Transient(f"{destination} dropped the association after {stored} instance(s)")
                     category = code_to_category(status.Status)

@@ -1,8 +1,7 @@
 """A real Orthanc PACS (Debian's `orthanc` and `orthanc-dicomweb`) on free loopback ports, for the tests.
 
 DIMSE and DICOMweb are on; DICOMweb needs a user and password; stores are accepted only from the AE titles
-registered as modalities; a Lua filter rejects any instance whose Image Comments contain "reject-me", so
-that a rejected instance can be tested against the real server.
+registered as modalities.
 """
 
 from __future__ import annotations
@@ -21,11 +20,6 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 AE_TITLE = "ORTHANC"
 USER, PASSWORD = "meddpm", "pw-7f3a9c"  # a test server's; never a real credential
 MODALITIES = {"meddpm": "MEDDPM", "tests": "TESTSCU"}
-REJECT_FILTER = """
-function ReceivedInstanceFilter(dicom, origin, info)
-  return not string.find(dicom.ImageComments or "", "reject-me", 1, true)
-end
-"""
 
 
 def free_port() -> int:
@@ -42,7 +36,6 @@ class OrthancServer:
         self.http_port, self.dicom_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dicomweb_url = f"{self.url}/dicom-web"
-        (folder / "filter.lua").write_text(REJECT_FILTER)
         config = {
             "Name": "meddpm-tests",
             "StorageDirectory": str(folder / "storage"),
@@ -59,7 +52,6 @@ class OrthancServer:
             "DicomModalities": {name: [ae, "127.0.0.1", free_port()] for name, ae in MODALITIES.items()},
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "LuaScripts": [str(folder / "filter.lua")],
             "StableAge": 1,
             "SaveJobs": False,
         }
