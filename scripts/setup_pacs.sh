@@ -8,8 +8,8 @@ if command -v Orthanc >/dev/null && [[ -f $PLUGIN ]]; then
     exit 0
 fi
 if [[ $(id -u) -ne 0 ]]; then
-    echo "error: Orthanc is missing; run as root: apt-get install orthanc orthanc-dicomweb" >&2
-    exit 1
+    echo "warning: Orthanc is missing and this is not root; the PACS tests fail until root runs scripts/setup_pacs.sh" >&2
+    exit 0
 fi
 POLICY=/usr/sbin/policy-rc.d
 if [[ ! -e $POLICY ]]; then
