@@ -94,6 +94,26 @@ def _keywords(text: str) -> tuple[str, ...]:
     return keywords
 
 
+def _segment_map(text: str) -> SegmentMap:
+    try:
+        return SegmentMap.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _cstore(text: str) -> CStoreDestination:
+    try:
+        return CStoreDestination.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _ae_title(text: str) -> str:
+    if not (0 < len(text) <= 16 and text.isascii() and "\\" not in text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not an AE title (1 to 16 ASCII characters)")
+    return text
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -122,15 +142,15 @@ SETTINGS = (
             "for a server that is away (at the start, or restarting mid-run) before giving up"),
     Setting("output_format", "MEDDPM_OUTPUT_FORMAT", _output_format, "nifti", "nifti, dicom or nifti,dicom: NIfTI "
             "volumes and/or one DICOM MR series per sample and channel"),
-    Setting("segment_map", "MEDDPM_SEGMENT_MAP", SegmentMap.parse, None, "SEGMENT=LABEL,...: DICOM SEG segments "
+    Setting("segment_map", "MEDDPM_SEGMENT_MAP", _segment_map, None, "SEGMENT=LABEL,...: DICOM SEG segments "
             "(number or label) to preset labels, e.g. Brain=1,Tumour=2 (default: segment n is label n)"),
     Setting("dicom_identity", "MEDDPM_DICOM_IDENTITY", _identity, "pseudonymous", "pseudonymous: a new patient and "
             "study, nothing copied; keep-study: the DICOM mask's patient and study"),
     Setting("dicom_copy", "MEDDPM_DICOM_COPY", _keywords, None, "attributes copied from a DICOM mask into the output "
             "(from the list in the README's DICOM section)"),
-    Setting("pacs_cstore", "MEDDPM_PACS_CSTORE", CStoreDestination.parse, None, "AE@HOST:PORT: send the DICOM "
+    Setting("pacs_cstore", "MEDDPM_PACS_CSTORE", _cstore, None, "AE@HOST:PORT: send the DICOM "
             "series there by C-STORE"),
-    Setting("pacs_calling_ae", "MEDDPM_PACS_CALLING_AE", str, "MEDDPM", "our AE title for C-STORE"),
+    Setting("pacs_calling_ae", "MEDDPM_PACS_CALLING_AE", _ae_title, "MEDDPM", "our AE title for C-STORE"),
     Setting("pacs_stow_url", "MEDDPM_PACS_STOW_URL", str, None, "DICOMweb base URL: send the DICOM series there by "
             "STOW-RS (credentials: MEDDPM_DICOMWEB_* variables only)"),
     Setting("pacs_retries", "MEDDPM_PACS_RETRIES", _count, 3, "retries of a PACS transfer that failed for want of "

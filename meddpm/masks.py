@@ -36,18 +36,6 @@ def mask_name(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii")
 
 
-def find_masks(path: Path) -> list[Path]:
-    """The mask itself, or the NIfTI files of a folder (sorted; other files are ignored)."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder; pass a NIfTI mask (.nii/.nii.gz) or a folder of them")
-    if path.is_file():
-        return [path]
-    masks = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
-    if not masks:
-        raise InputError(f"{path}: the folder holds no NIfTI masks (.nii or .nii.gz)")
-    return masks
-
-
 def read_mask(path: Path, preset: Preset) -> LabelMask:
     """Load and validate one label mask for `preset` (raises InputError naming the file)."""
     if not is_nifti(path):
