@@ -17,13 +17,12 @@ from app.preview import write_preview
 from app.report import RunReport
 from app.synthesis_operator import Synthesis
 from meddpm.atomic import staged_folder, write_text
-from meddpm.dicom_output import DicomOptions, Provenance, study_identity, write_series
+from meddpm.dicom_output import MODEL_RANGE, DicomOptions, Provenance, write_synthesis
 from meddpm.errors import PacsError
 from meddpm.pacs import PacsExporter
 from meddpm.served_model import ServedModel
 
 log = logging.getLogger(__name__)
-MODEL_RANGE = (-1.0, 1.0)
 
 
 class OutputWriterOperator(Operator):
@@ -83,22 +82,12 @@ class OutputWriterOperator(Operator):
         return target
 
     def _write_dicom(self, staging: Path, synthesis: Synthesis) -> list[list[Path]]:
-        """One MR series per sample and channel; all series of a mask share one patient and study."""
-        channels = self._model.preset.image.channels
         record = synthesis.record
         provenance = Provenance(self._model.name, self._model.preset.name, record["scheduler"], record["steps"],
                                 f"meddpm-deploy {importlib.metadata.version('meddpm-deploy')}")
-        identity = study_identity(synthesis.mask.dicom, self._dicom)
-        series = []
-        for index, volume in enumerate(synthesis.samples):
-            for channel, name in enumerate(channels):
-                series.append(write_series(
-                    staging / "dicom" / f"sample_{index}_{name}", volume[channel], synthesis.mask.affine,
-                    identity=identity, source=synthesis.mask.dicom, written_range=self._rescale or MODEL_RANGE,
-                    series_number=1001 + index * len(channels) + channel, channel=name, seed=record["seeds"][index],
-                    provenance=provenance,
-                ))
-        return series
+        return write_synthesis(staging / "dicom", synthesis.samples, synthesis.mask, self._model.preset.image.channels,
+                               record["seeds"], options=self._dicom, written_range=self._rescale or MODEL_RANGE,
+                               provenance=provenance)
 
     def _send(self, target: Path, series: list[list[Path]]) -> None:
         """Store the series in the PACS; pacs.json says what was stored, or why not."""

@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from meddpm.dicom_input import DicomSource
 from meddpm.errors import InputError
+from meddpm.masks import LabelMask
 
 IDENTITY_POLICIES = ("pseudonymous", "keep-study")
 KEEP_STUDY_ATTRIBUTES = (
@@ -31,7 +32,8 @@ COPYABLE_ATTRIBUTES = (
     "StudyDate", "StudyTime", "StudyID", "StudyDescription", "AccessionNumber", "ReferringPhysicianName",
     "InstitutionName",
 )
-STORED_LEVELS = 4095  # the written intensity range maps linearly onto stored values 0..4095
+MODEL_RANGE = (-1.0, 1.0)  # intensities the model produces
+STORED_LEVELS = 4095  # the model range maps linearly onto stored values 0..4095
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
 MANUFACTURER = "meddpm-deploy"
@@ -83,18 +85,36 @@ def study_identity(source: DicomSource | None, options: DicomOptions) -> Dataset
     return ds
 
 
+def write_synthesis(folder: Path, samples: list[np.ndarray], mask: LabelMask, channels: tuple[str, ...],
+                    seeds: list[int], *, options: DicomOptions, written_range: tuple[float, float],
+                    provenance: Provenance) -> list[list[Path]]:
+    """One series per sample and output channel in folder/sample_<i>_<channel>/, all of one patient and study."""
+    identity = study_identity(mask.dicom, options)
+    series = []
+    for index, (volume, seed) in enumerate(zip(samples, seeds)):
+        for channel, name in enumerate(channels):
+            series.append(write_series(
+                folder / f"sample_{index}_{name}", volume[channel], mask.affine, identity=identity, source=mask.dicom,
+                written_range=written_range, series_number=1001 + index * len(channels) + channel, channel=name,
+                seed=seed, provenance=provenance,
+            ))
+    return series
+
+
 def write_series(folder: Path, volume: np.ndarray, affine_ras: np.ndarray, *, identity: Dataset,
                  source: DicomSource | None, written_range: tuple[float, float], series_number: int, channel: str,
                  seed: int, provenance: Provenance) -> list[Path]:
-    """One MR Image instance per slice of `volume` (X, Y, Z) along Z; returns the files, in slice order."""
+    """One MR Image instance per slice of `volume` (X, Y, Z, model range) along Z, the rescale mapping its stored
+    values onto `written_range`; returns the files, in slice order."""
     lps = LPS_FROM_RAS @ np.asarray(affine_ras, dtype=np.float64)
     spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
     row_cosine, column_cosine = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
     if abs(float(row_cosine @ column_cosine)) > 1e-4:
         raise InputError("the mask's first two voxel axes are not perpendicular (a sheared affine); DICOM images "
                          "need perpendicular rows and columns; resample the mask onto a regular grid")
-    low, high = written_range
-    stored = np.round((np.clip(volume, low, high) - low) / (high - low) * STORED_LEVELS).astype(np.uint16)
+    (model_low, model_high), (low, high) = MODEL_RANGE, written_range
+    unit = (np.clip(volume, model_low, model_high) - model_low) / (model_high - model_low)
+    stored = np.round(unit * STORED_LEVELS).astype(np.uint16)
     slope = (high - low) / STORED_LEVELS
     real = stored * slope + low
     window_low, window_high = np.percentile(real, [0.5, 99.5])
@@ -118,6 +138,8 @@ def write_series(folder: Path, volume: np.ndarray, affine_ras: np.ndarray, *, id
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = _ds(low), _ds(slope), "US"
         ds.WindowCenter, ds.WindowWidth = _ds((window_low + window_high) / 2), _ds(window_high - window_low)
         ds.WindowCenterWidthExplanation = "0.5 to 99.5 percentile of the series"
+        if window_high - window_low < 1:  # LINEAR windows must be at least 1 wide
+            ds.VOILUTFunction = "LINEAR_EXACT"
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         path = folder / f"{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from meddpm.dicom_input import SEG_SOP_CLASS, SegmentMap, find_mask_inputs, read_dicom_mask
-from meddpm.dicom_output import DicomOptions, Provenance, study_identity, write_series
+from meddpm.dicom_output import DicomOptions, Provenance, study_identity, write_series, write_synthesis
 from meddpm.errors import InputError
 from meddpm.phantoms import make_phantom
 from meddpm.presets import BUILTIN_PRESETS, load_presets
@@ -168,6 +168,36 @@ def test_written_series_is_valid_synthetic_and_on_the_source_geometry(phantom, t
     real = np.stack([ds.pixel_array.T * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in written], -1)
     np.testing.assert_allclose(real, volume, atol=float(first.RescaleSlope))
     assert -1 < float(first.WindowCenter) < 1 and 1.5 < float(first.WindowWidth) <= 2
+
+
+def test_one_series_per_sample_and_channel_in_one_study(phantom, tmp_path):
+    labels, _, _, _, seg = phantom
+    save([seg], tmp_path / "in", "seg")
+    mask = read_dicom_mask(find_mask_inputs(tmp_path / "in")[0], PRESET, None)
+    rng = np.random.default_rng(2)
+    samples = [rng.uniform(-1, 1, (2, *labels.shape)).astype(np.float32) for _ in range(2)]
+    series = write_synthesis(tmp_path / "dicom", samples, mask, ("T1", "FLAIR"), [7, 8], options=DicomOptions(),
+                             written_range=(0.0, 1000.0), provenance=PROVENANCE)
+    assert [files[0].parent.name for files in series] == ["sample_0_T1", "sample_0_FLAIR", "sample_1_T1", "sample_1_FLAIR"]
+    firsts = [pydicom.dcmread(files[0]) for files in series]
+    assert len({ds.StudyInstanceUID for ds in firsts}) == 1 and len({ds.PatientID for ds in firsts}) == 1
+    assert len({ds.SeriesInstanceUID for ds in firsts}) == 4 and [ds.SeriesNumber for ds in firsts] == [1001, 1002, 1003, 1004]
+    assert [ds.SeriesDescription.split()[1] for ds in firsts] == ["T1", "FLAIR", "T1", "FLAIR"]
+    assert ["seed 7" in firsts[0].DerivationDescription, "seed 8" in firsts[3].DerivationDescription] == [True, True]
+    real = firsts[0].pixel_array.T * float(firsts[0].RescaleSlope) + float(firsts[0].RescaleIntercept)
+    np.testing.assert_allclose(real, (samples[0][0, :, :, 0] + 1) * 500, atol=float(firsts[0].RescaleSlope))
+    assert 400 < float(firsts[0].WindowCenter) < 600 and 900 < float(firsts[0].WindowWidth) <= 1000
+    for files in series:
+        assert len(files) == 32 and dciodvfy_errors(files[0]) == []
+
+
+def test_a_narrow_window_stays_valid(phantom, tmp_path):
+    labels, affine = phantom[0], phantom[1]
+    flat = np.full(labels.shape, 0.2, dtype=np.float32) + labels * 0.01  # a window far below 1 wide
+    [first, *_] = write_series(tmp_path / "flat", flat, affine, identity=study_identity(None, DicomOptions()), source=None,
+                               written_range=(-1.0, 1.0), series_number=1, channel="T1", seed=0, provenance=PROVENANCE)
+    ds = pydicom.dcmread(first)
+    assert float(ds.WindowWidth) < 1 and ds.VOILUTFunction == "LINEAR_EXACT" and dciodvfy_errors(first) == []
 
 
 def test_identity_policies(phantom, tmp_path):

@@ -136,6 +136,33 @@ def test_mask_from_orthanc_comes_back_as_a_valid_synthetic_series(demo_repositor
             assert value.encode() not in path.read_bytes(), (value, path)
 
 
+def run_app(*args, env=None):
+    environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "app", *map(str, args)], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_pacs_settings_are_checked_before_any_work(demo_repository, tmp_path):
+    result = run_app("-i", tmp_path, "-o", tmp_path / "out", "-m", demo_repository, "--pacs-cstore", "ORTHANC@127.0.0.1:4242")
+    assert result.returncode == 2 and "add --output-format nifti,dicom" in result.stderr, result.stderr
+    result = run_app("-i", tmp_path, "-o", tmp_path / "out", "-m", demo_repository, "--output-format", "dicom",
+                     "--pacs-stow-url", "http://user:secret-pw-42@127.0.0.1:1/dicom-web")
+    assert result.returncode == 2 and "holds credentials" in result.stderr and "secret-pw-42" not in result.stderr
+
+
+def test_a_pacs_that_refuses_keeps_the_output_and_says_why(demo_repository, orthanc, source, tmp_path):
+    save([source[3]], tmp_path / "input", "seg")
+    out = tmp_path / "output"
+    result = run_app("-i", tmp_path / "input", "-o", out, "-m", demo_repository, "--scheduler", "ddim", "--steps", "3",
+                     "--output-format", "dicom", "--pacs-cstore", f"{AE_TITLE}@127.0.0.1:{orthanc.dicom_port}",
+                     "--pacs-calling-ae", "STRANGER", "--pacs-retries", "0")
+    assert result.returncode == 1, result.stdout + result.stderr
+    [folder] = list(out.iterdir())
+    assert f"written to {folder}, but not stored in the PACS" in result.stdout and "register 'STRANGER'" in result.stdout
+    assert "register 'STRANGER'" in json.loads((folder / "pacs.json").read_text())["error"]
+    assert len(list((folder / "dicom" / "sample_0_T1").iterdir())) == 32
+
+
 def write_synthetic(tmp_path, seg, options: DicomOptions | None = None):
     """A synthetic series written without the app, for the exporter tests."""
     save([seg], tmp_path / "in", "seg")
