@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 POSITION_RTOL = 0.01  # slice positions may deviate by 1% of the spacing
 # Attributes of the input kept in memory for the output's identity policy (meddpm.dicom_output); never logged.
 SOURCE_ATTRIBUTES = (
@@ -112,15 +113,17 @@ def group_dicom(files: list[Path]) -> list[DicomMaskInput]:
     for path in files:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+                continue  # a DICOMDIR indexes the files; they are found anyway
             sop_class, series_uid = str(ds.SOPClassUID), str(ds.SeriesInstanceUID)
         except Exception:  # pydicom raises many types for a damaged file; read_dicom_mask reports it
             unreadable.append(DicomMaskInput(f"unreadable_{_digest(str(path))}", "unreadable", (path,)))
             continue
         if sop_class == SEG_SOP_CLASS:
-            segs.append(DicomMaskInput(f"seg_{ds.get('SeriesNumber', '')}_{_digest(str(ds.SOPInstanceUID))}", "seg", (path,)))
+            segs.append(DicomMaskInput(f"seg_{ds.get('SeriesNumber') or ''}_{_digest(str(ds.SOPInstanceUID))}", "seg", (path,)))
         elif "Rows" in ds:
             series[series_uid].append(path)
-            series_numbers[series_uid] = ds.get("SeriesNumber", "")
+            series_numbers[series_uid] = ds.get("SeriesNumber") or ""
         else:
             log.info("%s: not an image or SEG (SOP class %s), ignored", path, sop_class)
     if segs and series:
@@ -213,6 +216,9 @@ def _read_label_map(files: tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray, li
         except Exception as error:
             raise InputError(f"{path}: cannot be read as a DICOM image ({type(error).__name__}: {error}); replace "
                              f"the file with an intact copy") from None
+        if int(ds.get("NumberOfFrames") or 1) > 1:
+            raise InputError(f"{path}: a multi-frame image is not read as a label map; send a DICOM SEG, or the label "
+                             f"map as single-frame slices")
         for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if keyword not in ds:
                 raise InputError(f"{path}: has no {keyword}; a label-map slice needs its position in the patient")

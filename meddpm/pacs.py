@@ -26,6 +26,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from meddpm.errors import ConfigurationError, PacsError
 
 log = logging.getLogger(__name__)
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its DEBUG output dumps messages; keep data out of logs
 
 CREDENTIAL_VARIABLES = ("MEDDPM_DICOMWEB_USER", "MEDDPM_DICOMWEB_PASSWORD", "MEDDPM_DICOMWEB_CREDENTIALS_FILE")
 NETWORK_TIMEOUT_S = 30
