@@ -179,7 +179,8 @@ def _read_seg(path: Path, preset: Preset, segment_map: SegmentMap | None) -> tup
     for index, (_, label) in enumerate(pairs):
         labels[volume.array[..., index] >= 0.5] = label  # later map entries win where segments overlap
     affine = np.asarray(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
-    return _slices_along_normal(labels.transpose(2, 1, 0), affine) + ([seg],)
+    labels, affine = _slices_along_normal(labels.transpose(2, 1, 0), affine)
+    return labels, affine, [seg]
 
 
 def _segments_to_labels(path: Path, segments: dict[int, str], segment_map: SegmentMap | None,

@@ -20,8 +20,8 @@ from requests import Session
 
 from meddpm.dicom_input import find_mask_inputs, read_dicom_mask
 from meddpm.dicom_output import DicomOptions, Provenance, study_identity, write_series
-from meddpm.errors import PacsError
-from meddpm.pacs import CStoreDestination, PacsExporter
+from meddpm.errors import ConfigurationError, PacsError
+from meddpm.pacs import CStoreDestination, PacsExporter, dicomweb_credentials
 from meddpm.phantoms import make_phantom
 from meddpm.presets import BUILTIN_PRESETS, load_presets
 from tests.conftest import REPO
@@ -225,3 +225,17 @@ def test_unreachable_pacs_is_retried_then_reported(tmp_path, source):
     with pytest.raises(PacsError, match=r"STOW-RS to .* failed 2 time\(s\)"):
         PacsExporter(cstore=None, calling_ae="MEDDPM", stow_url=f"http://127.0.0.1:{closed.port}/dicom-web",
                      retries=1, credentials=None, pause_s=0.01).store([files])
+
+
+def test_dicomweb_credentials_come_from_environment_or_file(tmp_path):
+    assert dicomweb_credentials({}) is None
+    assert dicomweb_credentials({"MEDDPM_DICOMWEB_USER": "u", "MEDDPM_DICOMWEB_PASSWORD": "p:w"}) == ("u", "p:w")
+    with pytest.raises(ConfigurationError, match="set both"):
+        dicomweb_credentials({"MEDDPM_DICOMWEB_USER": "u"})
+    secret = tmp_path / "secret"
+    secret.write_text("reader:s3cr3t:with-colon\n")
+    assert dicomweb_credentials({"MEDDPM_DICOMWEB_CREDENTIALS_FILE": str(secret)}) == ("reader", "s3cr3t:with-colon")
+    secret.write_text("no-colon-here\n")
+    with pytest.raises(ConfigurationError, match="not user:password") as error:
+        dicomweb_credentials({"MEDDPM_DICOMWEB_CREDENTIALS_FILE": str(secret)})
+    assert "no-colon-here" not in str(error.value)
