@@ -27,8 +27,10 @@ from app.report import RunReport
 from app.settings import SamplingSettings, parse_settings, settings_help
 from app.synthesis_operator import SamplingPlan, SynthesisOperator
 from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
-from meddpm.errors import Interrupted, MedDDPMError
-from meddpm.masks import find_masks
+from meddpm.dicom_input import DicomMaskInput, SegmentMap, find_mask_inputs
+from meddpm.dicom_output import DicomOptions
+from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError
+from meddpm.pacs import PacsExporter, dicomweb_credentials
 from meddpm.served_model import ServedModel, find_model
 from meddpm.triton_denoiser import RetryPolicy, TritonDenoiser
 
@@ -36,7 +38,7 @@ log = logging.getLogger("app")
 
 USAGE = """usage: python -m app [-i INPUT] [-o OUTPUT] [-m MODEL_REPOSITORY] [-l LEVEL] [sampling settings]
 
-  -i/--input   NIfTI label mask or folder of masks   (HOLOSCAN_INPUT_PATH, default: input)
+  -i/--input   NIfTI mask, DICOM SEG, or a folder of masks and DICOM series (HOLOSCAN_INPUT_PATH, default: input)
   -o/--output  output folder, one subfolder per mask (HOLOSCAN_OUTPUT_PATH, default: output)
   -m/--model   Triton model repository from `python -m export` (HOLOSCAN_MODEL_PATH, default: models)
   --triton-server-netloc HOST:PORT  run the UNet on this Triton server over gRPC (TRITON_SERVER_NETLOC);
@@ -52,9 +54,13 @@ class SynthesisJob:
     model: ServedModel
     denoiser: Denoiser
     plan: SamplingPlan
-    masks: list[Path]
+    masks: list[Path | DicomMaskInput]
     output_folder: Path
     rescale: tuple[float, float] | None
+    output_formats: tuple[str, ...] = ("nifti",)
+    segment_map: SegmentMap | None = None
+    dicom: DicomOptions = DicomOptions()
+    pacs: PacsExporter | None = None
     report: RunReport = dataclasses.field(default_factory=RunReport)
 
 
@@ -68,15 +74,15 @@ class SynthesisApp(Application):
     def compose(self):
         job = self.job
         loader = MaskLoaderOperator(
-            self, CountCondition(self, len(job.masks)), mask_paths=job.masks, preset=job.model.preset,
-            report=job.report, name="mask_loader",
+            self, CountCondition(self, len(job.masks)), mask_inputs=job.masks, preset=job.model.preset,
+            segment_map=job.segment_map, report=job.report, name="mask_loader",
         )
         synthesis = SynthesisOperator(
             self, model=job.model, denoiser=job.denoiser, plan=job.plan, report=job.report, name="synthesis"
         )
         writer = OutputWriterOperator(
-            self, output_folder=job.output_folder, model=job.model, rescale=job.rescale, report=job.report,
-            name="output_writer",
+            self, output_folder=job.output_folder, model=job.model, rescale=job.rescale, formats=job.output_formats,
+            dicom=job.dicom, pacs=job.pacs, report=job.report, name="output_writer",
         )
         self.add_flow(loader, synthesis, {(loader.output_name_mask, synthesis.input_name_mask)})
         self.add_flow(synthesis, writer, {(synthesis.output_name_synthesis, writer.input_name_synthesis)})
@@ -88,11 +94,29 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
     context = Application.init_app_context([argv[0], *sdk_args])
     model = find_model(Path(context.model_path), settings.model_name, settings.preset)
     plan = SamplingPlan.resolve(settings, model)
-    masks = find_masks(Path(context.input_path))
+    if settings.segment_map:
+        settings.segment_map.check(model.preset)
+    formats = tuple(settings.output_format.split(","))
+    pacs = make_exporter(settings)
+    if pacs and "dicom" not in formats:
+        raise ConfigurationError("a PACS destination is set but the output format has no dicom; add "
+                                 "--output-format nifti,dicom (MEDDPM_OUTPUT_FORMAT)")
+    masks = find_mask_inputs(Path(context.input_path))
     denoiser = make_denoiser(context.triton_server_netloc, model, settings)
     log.info("model %s (preset %s), scheduler %s, %d steps, seeds %s, %d mask(s)", model.name, model.preset.name,
              plan.scheduler, plan.steps, plan.seeds, len(masks))
-    return SynthesisJob(model, denoiser, plan, masks, Path(context.output_path), settings.rescale)
+    dicom = DicomOptions(settings.dicom_identity, settings.dicom_copy or ())
+    return SynthesisJob(model, denoiser, plan, masks, Path(context.output_path), settings.rescale, formats,
+                        settings.segment_map, dicom, pacs)
+
+
+def make_exporter(settings: SamplingSettings) -> PacsExporter | None:
+    """The PACS destinations configured (C-STORE and/or STOW-RS), or None."""
+    if not (settings.pacs_cstore or settings.pacs_stow_url):
+        return None
+    return PacsExporter(cstore=settings.pacs_cstore, calling_ae=settings.pacs_calling_ae,
+                        stow_url=settings.pacs_stow_url, retries=settings.pacs_retries,
+                        credentials=dicomweb_credentials() if settings.pacs_stow_url else None)
 
 
 def make_denoiser(triton_url: str | None, model: ServedModel, settings: SamplingSettings) -> Denoiser:

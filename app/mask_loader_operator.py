@@ -8,6 +8,7 @@ from pathlib import Path
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from app.report import RunReport
+from meddpm.dicom_input import DicomMaskInput, SegmentMap, read_dicom_mask
 from meddpm.masks import mask_name, read_mask
 from meddpm.presets import Preset
 
@@ -15,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class MaskLoaderOperator(Operator):
-    """Reads the next NIfTI mask of the input; a mask that fails validation is reported and skipped.
+    """Reads the next mask of the input (NIfTI, DICOM SEG or label-map series); a mask that fails validation
+    is reported and skipped.
 
     Give it a CountCondition with one tick per path.
 
@@ -23,10 +25,12 @@ class MaskLoaderOperator(Operator):
         mask: meddpm.masks.LabelMask
     """
 
-    def __init__(self, fragment: Fragment, *args, mask_paths: list[Path], preset: Preset, report: RunReport, **kwargs):
+    def __init__(self, fragment: Fragment, *args, mask_inputs: list[Path | DicomMaskInput], preset: Preset,
+                 segment_map: SegmentMap | None, report: RunReport, **kwargs):
         self.output_name_mask = "mask"
-        self._pending = list(mask_paths)
+        self._pending = list(mask_inputs)
         self._preset = preset
+        self._segment_map = segment_map
         self._report = report
         super().__init__(fragment, *args, **kwargs)
 
@@ -34,12 +38,14 @@ class MaskLoaderOperator(Operator):
         spec.output(self.output_name_mask)
 
     def compute(self, op_input, op_output, context):
-        path = self._pending.pop(0)
+        source = self._pending.pop(0)
+        dicom = isinstance(source, DicomMaskInput)
+        name = source.name if dicom else mask_name(source)
         if self._report.stop.is_set():
-            self._report.failed[mask_name(path)] = "skipped: the run was stopped"
+            self._report.failed[name] = "skipped: the run was stopped"
             return
-        with self._report.step(mask_name(path)):
-            mask = read_mask(path, self._preset)
+        with self._report.step(name):
+            mask = read_dicom_mask(source, self._preset, self._segment_map) if dicom else read_mask(source, self._preset)
             log.info("mask %s: %s voxels, labels %s", mask.name, "x".join(map(str, mask.labels.shape)),
                      sorted(set(mask.labels.ravel().tolist()) - {0}))
             op_output.emit(mask, self.output_name_mask)

@@ -1,8 +1,10 @@
-"""Writes each synthesis atomically: NIfTI volume(s), a PNG preview and a JSON record in one folder."""
+"""Writes each synthesis atomically: NIfTI volume(s) and/or DICOM series, a PNG preview and a JSON record in one
+folder; then sends the DICOM series to the configured PACS."""
 
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import logging
 from pathlib import Path
@@ -14,29 +16,37 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from app.preview import write_preview
 from app.report import RunReport
 from app.synthesis_operator import Synthesis
-from meddpm.atomic import staged_folder
+from meddpm.atomic import staged_folder, write_text
+from meddpm.dicom_output import MODEL_RANGE, DicomOptions, Provenance, write_synthesis
+from meddpm.errors import PacsError
+from meddpm.pacs import PacsExporter
 from meddpm.served_model import ServedModel
 
 log = logging.getLogger(__name__)
-MODEL_RANGE = (-1.0, 1.0)
 
 
 class OutputWriterOperator(Operator):
     """Writes OUTPUT/<mask name>/ for each synthesis; the folder appears complete or not at all.
 
     Files: sample_<i>[_<channel>].nii.gz (one per sample and output channel, on the mask's grid with its
-    affine), preview.png (mid-slices of mask and sample 0), record.json (model, settings, timings).
+    affine), dicom/sample_<i>_<channel>/NNNN.dcm (one MR series per sample and channel, see
+    meddpm.dicom_output), preview.png (mid-slices of mask and sample 0), record.json (model, settings,
+    timings); pacs.json (what each PACS stored, or why not) after the series were sent.
 
     Named Input:
         synthesis: app.synthesis_operator.Synthesis
     """
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, model: ServedModel,
-                 rescale: tuple[float, float] | None, report: RunReport, **kwargs):
+                 rescale: tuple[float, float] | None, formats: tuple[str, ...], dicom: DicomOptions,
+                 pacs: PacsExporter | None, report: RunReport, **kwargs):
         self.input_name_synthesis = "synthesis"
         self._output_folder = output_folder
         self._model = model
         self._rescale = rescale
+        self._formats = formats
+        self._dicom = dicom
+        self._pacs = pacs
         self._report = report
         super().__init__(fragment, *args, **kwargs)
 
@@ -54,16 +64,39 @@ class OutputWriterOperator(Operator):
         target = self._output_folder / synthesis.mask.name
         with staged_folder(target) as staging:
             channels = self._model.preset.image.channels
-            outputs = []
-            for index, volume in enumerate(synthesis.samples):
-                for channel, name in enumerate(channels):
-                    filename = f"sample_{index}{'' if len(channels) == 1 else '_' + name}.nii.gz"
-                    self._write_nifti(staging / filename, volume[channel], synthesis.mask.affine)
-                    outputs.append(filename)
+            outputs, series = [], []
+            if "nifti" in self._formats:
+                for index, volume in enumerate(synthesis.samples):
+                    for channel, name in enumerate(channels):
+                        filename = f"sample_{index}{'' if len(channels) == 1 else '_' + name}.nii.gz"
+                        self._write_nifti(staging / filename, volume[channel], synthesis.mask.affine)
+                        outputs.append(filename)
+            if "dicom" in self._formats:
+                series = [[path.relative_to(staging) for path in files] for files in self._write_dicom(staging, synthesis)]
+                outputs += [f"{files[0].parent}/" for files in series]
             write_preview(staging / "preview.png", synthesis.mask, synthesis.samples[0], channels)
             record = self._record(synthesis, outputs + ["preview.png"])
             (staging / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+        if self._pacs is not None:
+            self._send(target, [[target / path for path in files] for files in series])
         return target
+
+    def _write_dicom(self, staging: Path, synthesis: Synthesis) -> list[list[Path]]:
+        record = synthesis.record
+        provenance = Provenance(self._model.name, self._model.preset.name, record["scheduler"], record["steps"],
+                                f"meddpm-deploy {importlib.metadata.version('meddpm-deploy')}")
+        return write_synthesis(staging / "dicom", synthesis.samples, synthesis.mask, self._model.preset.image.channels,
+                               record["seeds"], options=self._dicom, written_range=self._rescale or MODEL_RANGE,
+                               provenance=provenance)
+
+    def _send(self, target: Path, series: list[list[Path]]) -> None:
+        """Store the series in the PACS; pacs.json says what was stored, or why not."""
+        try:
+            stored = self._pacs.store(series)
+        except PacsError as error:
+            write_text(target / "pacs.json", json.dumps({"error": str(error)}, indent=2) + "\n")
+            raise PacsError(f"written to {target}, but not stored in the PACS: {error}") from None
+        write_text(target / "pacs.json", json.dumps(stored, indent=2) + "\n")
 
     def _write_nifti(self, path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
         if self._rescale is not None:

@@ -12,7 +12,10 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from meddpm.dicom_input import SegmentMap
+from meddpm.dicom_output import COPYABLE_ATTRIBUTES, IDENTITY_POLICIES
 from meddpm.errors import ConfigurationError
+from meddpm.pacs import CStoreDestination
 from meddpm.presets import SCHEDULERS
 from meddpm.sampling import FAST_DEFAULT_STEPS
 from meddpm.triton_denoiser import TRANSPORTS, RetryPolicy
@@ -67,6 +70,57 @@ def _scheduler(text: str) -> str:
     return text
 
 
+OUTPUT_FORMATS = ("nifti", "dicom")
+
+
+def _output_format(text: str) -> str:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    if not formats or any(f not in OUTPUT_FORMATS for f in formats):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of output formats from {', '.join(OUTPUT_FORMATS)}")
+    return ",".join(f for f in OUTPUT_FORMATS if f in formats)
+
+
+def _identity(text: str) -> str:
+    if text not in IDENTITY_POLICIES:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an identity policy; choose one of {', '.join(IDENTITY_POLICIES)}")
+    return text
+
+
+def _keywords(text: str) -> tuple[str, ...]:
+    keywords = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in keywords if k not in COPYABLE_ATTRIBUTES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)} cannot be copied; choose from {', '.join(COPYABLE_ATTRIBUTES)}")
+    return keywords
+
+
+def _segment_map(text: str) -> SegmentMap:
+    try:
+        return SegmentMap.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _cstore(text: str) -> CStoreDestination:
+    try:
+        return CStoreDestination.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _ae_title(text: str) -> str:
+    if not (0 < len(text) <= 16 and text.isascii() and "\\" not in text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not an AE title (1 to 16 ASCII characters)")
+    return text
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 SETTINGS = (
     Setting("model_name", "MEDDPM_MODEL", str, None, "model in the repository (default: the only one there)"),
     Setting("preset", "MEDDPM_PRESET", str, None, "refuse a model exported for any other preset"),
@@ -86,6 +140,21 @@ SETTINGS = (
             "may take before it is retried"),
     Setting("triton_retry_window", "MEDDPM_TRITON_RETRY_WINDOW", _seconds, RetryPolicy.window_s, "seconds to wait "
             "for a server that is away (at the start, or restarting mid-run) before giving up"),
+    Setting("output_format", "MEDDPM_OUTPUT_FORMAT", _output_format, "nifti", "nifti, dicom or nifti,dicom: NIfTI "
+            "volumes and/or one DICOM MR series per sample and channel"),
+    Setting("segment_map", "MEDDPM_SEGMENT_MAP", _segment_map, None, "SEGMENT=LABEL,...: DICOM SEG segments "
+            "(number or label) to preset labels, e.g. Brain=1,Tumour=2 (default: segment n is label n)"),
+    Setting("dicom_identity", "MEDDPM_DICOM_IDENTITY", _identity, "pseudonymous", "pseudonymous: a new patient and "
+            "study, nothing copied; keep-study: the DICOM mask's patient and study"),
+    Setting("dicom_copy", "MEDDPM_DICOM_COPY", _keywords, None, "attributes copied from a DICOM mask into the output "
+            "(from the list in the README's DICOM section)"),
+    Setting("pacs_cstore", "MEDDPM_PACS_CSTORE", _cstore, None, "AE@HOST:PORT: send the DICOM "
+            "series there by C-STORE"),
+    Setting("pacs_calling_ae", "MEDDPM_PACS_CALLING_AE", _ae_title, "MEDDPM", "our AE title for C-STORE"),
+    Setting("pacs_stow_url", "MEDDPM_PACS_STOW_URL", str, None, "DICOMweb base URL: send the DICOM series there by "
+            "STOW-RS (credentials: MEDDPM_DICOMWEB_* variables only)"),
+    Setting("pacs_retries", "MEDDPM_PACS_RETRIES", _count, 3, "retries of a PACS transfer that failed for want of "
+            "a connection (pauses 1, 2, 4 ... s)"),
 )
 
 
@@ -104,6 +173,14 @@ class SamplingSettings:
     triton_transport: str = "auto"
     triton_deadline: float = RetryPolicy.deadline_s
     triton_retry_window: float = RetryPolicy.window_s
+    output_format: str = "nifti"
+    segment_map: SegmentMap | None = None
+    dicom_identity: str = "pseudonymous"
+    dicom_copy: tuple[str, ...] | None = None
+    pacs_cstore: CStoreDestination | None = None
+    pacs_calling_ae: str = "MEDDPM"
+    pacs_stow_url: str | None = None
+    pacs_retries: int = 3
 
 
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> tuple[SamplingSettings, list[str]]:

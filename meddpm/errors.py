@@ -41,6 +41,12 @@ class ServerError(MedDDPMError):
     exit_code = 6
 
 
+class PacsError(MedDDPMError):
+    """A PACS refused the association or an instance, or stayed unreachable through the retries."""
+
+    exit_code = 7
+
+
 class Interrupted(MedDDPMError):
     """The run was stopped by Ctrl-C or SIGTERM."""
 

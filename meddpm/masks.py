@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
 from meddpm.errors import InputError
 from meddpm.presets import Preset
+
+if TYPE_CHECKING:
+    from meddpm.dicom_input import DicomSource
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_SIDE = 1024  # voxels per axis
@@ -21,6 +25,7 @@ class LabelMask:
     name: str  # file name without suffix: names the output folder
     labels: np.ndarray  # (X, Y, Z) uint8
     affine: np.ndarray  # 4x4, voxel -> scanner mm
+    dicom: DicomSource | None = None  # set for a DICOM mask: identity and references for a DICOM output
 
 
 def is_nifti(path: Path) -> bool:
@@ -29,18 +34,6 @@ def is_nifti(path: Path) -> bool:
 
 def mask_name(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii")
-
-
-def find_masks(path: Path) -> list[Path]:
-    """The mask itself, or the NIfTI files of a folder (sorted; other files are ignored)."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder; pass a NIfTI mask (.nii/.nii.gz) or a folder of them")
-    if path.is_file():
-        return [path]
-    masks = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
-    if not masks:
-        raise InputError(f"{path}: the folder holds no NIfTI masks (.nii or .nii.gz)")
-    return masks
 
 
 def read_mask(path: Path, preset: Preset) -> LabelMask:
@@ -65,12 +58,12 @@ def read_mask(path: Path, preset: Preset) -> LabelMask:
         data = np.asanyarray(image.dataobj).reshape(shape)
     except Exception as error:
         raise InputError(f"{path}: voxel data cannot be read ({type(error).__name__}: {error})") from None
-    labels = _integer_labels(path, data)
-    _check_label_values(path, labels, preset)
+    labels = integer_labels(path, data)
+    check_label_values(path, labels, preset)
     return LabelMask(mask_name(path), labels, np.asarray(image.affine, dtype=np.float64))
 
 
-def _integer_labels(path: Path, data: np.ndarray) -> np.ndarray:
+def integer_labels(path: Path | str, data: np.ndarray) -> np.ndarray:
     if not np.issubdtype(data.dtype, np.number):
         raise InputError(f"{path}: voxel type {data.dtype} is not numeric; a label mask holds integer labels")
     if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
@@ -84,7 +77,7 @@ def _integer_labels(path: Path, data: np.ndarray) -> np.ndarray:
     return data.astype(np.uint8)
 
 
-def _check_label_values(path: Path, labels: np.ndarray, preset: Preset) -> None:
+def check_label_values(path: Path | str, labels: np.ndarray, preset: Preset) -> None:
     present = set(np.unique(labels).tolist())
     accepted = {0, *preset.condition.labels}
     unknown = sorted(present - accepted)

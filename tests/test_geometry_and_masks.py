@@ -6,9 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from meddpm.dicom_input import find_mask_inputs
 from meddpm.errors import InputError
 from meddpm.geometry import ModelGrid, condition_channels
-from meddpm.masks import find_masks, read_mask
+from meddpm.masks import read_mask
 from meddpm.phantoms import make_phantom
 from meddpm.presets import get_preset
 from tests.conftest import SHARED_DATA
@@ -100,10 +101,10 @@ def save(path, data, affine=None):
 
 def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(InputError, match="no such file or folder"):
-        find_masks(tmp_path / "absent")
+        find_mask_inputs(tmp_path / "absent")
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match="holds no NIfTI masks"):
-        find_masks(tmp_path)
+        find_mask_inputs(tmp_path)
 
 
 def test_not_nifti(tmp_path):
