@@ -30,6 +30,7 @@ from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
 from meddpm.dicom_input import DicomMaskInput, SegmentMap, find_mask_inputs
 from meddpm.dicom_output import DicomOptions
 from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError
+from meddpm.memory import check_fits
 from meddpm.pacs import PacsExporter, dicomweb_credentials
 from meddpm.served_model import ServedModel, find_model
 from meddpm.triton_denoiser import RetryPolicy, TritonDenoiser
@@ -122,6 +123,7 @@ def make_exporter(settings: SamplingSettings) -> PacsExporter | None:
 def make_denoiser(triton_url: str | None, model: ServedModel, settings: SamplingSettings) -> Denoiser:
     """The Triton server when an address is given (TRITON_SERVER_NETLOC / --triton-server-netloc), else in process."""
     if not triton_url:
+        check_fits(model.preset, min(settings.batch_size, settings.samples), model.onnx_path.stat().st_size)
         return OnnxRuntimeDenoiser(model.onnx_path, settings.threads)
     policy = RetryPolicy(deadline_s=settings.triton_deadline, window_s=settings.triton_retry_window)
     return TritonDenoiser(triton_url, model, settings.triton_model, settings.triton_transport, policy)

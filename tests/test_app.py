@@ -157,3 +157,11 @@ def test_manifest_that_does_not_match_the_graph(demo_repository, masks, tmp_path
     result = run_app("-i", masks, "-o", tmp_path / "out", "-m", repo)
     assert result.returncode == 5 and "do not belong together" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(demo_repository, masks, tmp_path):
+    result = run_app("-i", masks, "-o", tmp_path / "out", "-m", demo_repository, "--samples", 20000,
+                     "--batch-size", 20000)
+    assert result.returncode == 2, result.stderr
+    assert "with batch 20000 needs about" in result.stderr and "--batch-size" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,42 @@
+"""The benchmark commands run end to end on a small grid (smoke runs: their figures are not judged here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deploy.local_triton import DEFAULT_VENV
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def run_module(*args):
+    result = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_sampling_loop_benchmark_runs_every_loop(tmp_path):
+    if not (DEFAULT_VENV / "bin" / "python").exists():
+        pytest.fail(f"{DEFAULT_VENV} is missing: run scripts/setup_triton.sh (scripts/test.sh does)")
+    out = run_module("benchmarks.sampling_loop", "--grids", 16, "--steps", 2, "--repeats", 1, "--json",
+                     tmp_path / "loop.json")
+    figures = json.loads((tmp_path / "loop.json").read_text())["results"][0]["backends"]
+    assert set(figures) == {"reference", "onnxruntime", "triton-network", "triton-shm"}
+    for name in ("triton-network", "triton-shm"):  # one loop, one image, whatever runs the UNet
+        assert figures[name]["max_abs_diff_vs_onnxruntime"] < 1e-5, name
+    assert figures["triton-shm"]["bytes_per_step"] < figures["triton-network"]["bytes_per_step"]
+    assert "| 16³ | triton-shm |" in out
+
+
+def test_gpu_benchmark_runs_its_cpu_variants(tmp_path):
+    run_module("benchmarks.gpu_unet", "--device", "cpu", "--preset", "demo", "--grid", 16, "--repeats", 1,
+               "--variants", "fp32", "channels-last", "--json", tmp_path / "gpu.json")
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "channels-last"]
+    assert rows[1]["max_rel_error_vs_fp32"] < 1e-5
