@@ -13,21 +13,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from benchmarks.random_weights import random_unet
 from export import onnx_graph
 from meddpm.checkpoint import load_checkpoint, save_meddpm_checkpoint
 from meddpm.presets import get_preset
-from meddpm.unet import ConditionalDenoiser, build_unet
+from meddpm.unet import ConditionalDenoiser
 
 
 def measure(name: str, folder: Path) -> dict:
     preset = get_preset(name)
-    unet = build_unet(preset)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    unet = random_unet(preset)
     checkpoint = folder / f"{name}.pt"
     save_meddpm_checkpoint(checkpoint, unet, preset, step=0)
     started = time.monotonic()

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.random_weights import random_unet
 from meddpm.presets import get_preset
-from meddpm.unet import ConditionalDenoiser, build_unet
+from meddpm.unet import ConditionalDenoiser
 
 FLOOR_MS_128 = 28.0
 CUDA_ONLY = {"tf32", "fp16", "fp16-channels-last", "fp16-compile", "fp16-cuda-graph"}
@@ -35,13 +36,7 @@ VARIANTS = ("fp32", "tf32", "fp16", "bf16", "channels-last", "fp16-channels-last
 
 
 def random_model(preset_name: str, device: str) -> ConditionalDenoiser:
-    preset = get_preset(preset_name)
-    unet = build_unet(preset)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return ConditionalDenoiser(unet).eval().to(device)
+    return ConditionalDenoiser(random_unet(get_preset(preset_name))).eval().to(device)
 
 
 def variant_call(name: str, model: ConditionalDenoiser, device: str) -> Callable[..., torch.Tensor]:

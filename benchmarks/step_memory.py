@@ -19,21 +19,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from benchmarks.random_weights import random_unet
 from export import onnx_graph
 from meddpm.memory import step_memory_estimate
 from meddpm.presets import get_preset
-from meddpm.unet import ConditionalDenoiser, build_unet
+from meddpm.unet import ConditionalDenoiser
 
 
 def export_random(preset_name: str, path: Path) -> None:
     preset = get_preset(preset_name)
-    unet = build_unet(preset)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    unet = random_unet(preset)
     onnx_graph.export_onnx(ConditionalDenoiser(unet).eval(), preset, path)
 
 
