@@ -19,10 +19,10 @@ def test_activations_scale_with_voxels_and_batch():
 
 
 def test_estimate_follows_the_measured_peaks():
-    """Peaks measured by benchmarks/step_memory.py (ONNX Runtime, 2-core CPU), within 15%."""
-    for side, measured_mib in ((64, 1439), (96, 3743)):
+    """Peaks measured by benchmarks/step_memory.py (ONNX Runtime, 2-core CPU), within 10%; 128^3 was not fitted."""
+    for side, measured_mib in ((64, 1439), (96, 3743), (128, 7953)):
         estimate = memory.step_memory_estimate(WHOLE_HEAD, (side,) * 3, 1, WEIGHTS) / 2**20
-        assert estimate == pytest.approx(measured_mib, rel=0.15), side
+        assert estimate == pytest.approx(measured_mib, rel=0.10), side
 
 
 def test_check_suggests_a_batch_that_fits(monkeypatch):
