@@ -10,7 +10,6 @@ ARG BASE_IMAGE=nvcr.io/nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 FROM ${BASE_IMAGE} AS python
 ARG PYTHON_VERSION=3.12
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "python3=${PYTHON_VERSION}.*" \
     && rm -rf /var/lib/apt/lists/*

@@ -32,8 +32,9 @@ def write_mask(path: Path) -> Path:
     return path
 
 
-def problems(mask_path: Path, folder: Path, reference: Path | None = None) -> list[str]:
-    """What is wrong with one mask's result folder; empty when it is right."""
+def problems(mask_path: Path, folder: Path, reference: Path | None = None, figures: dict | None = None) -> list[str]:
+    """What is wrong with one mask's result folder (empty when it is right); `figures` gets what was measured."""
+    figures = {} if figures is None else figures
     expected = {"sample_0.nii.gz", "preview.png", "record.json"}
     found = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     if not expected <= found:
@@ -48,17 +49,19 @@ def problems(mask_path: Path, folder: Path, reference: Path | None = None) -> li
         found_problems.append(f"values not a synthetic image in [-1, 1]: min {data.min()}, max {data.max()}, "
                               f"std {data.std()}")
     else:
-        brain = dice(segment(data), np.asarray(mask.dataobj), BRAIN)
-        if brain < MIN_BRAIN_DICE:
-            found_problems.append(f"brain Dice {brain:.3f} < {MIN_BRAIN_DICE}: not the head the mask asks for")
+        figures["brain_dice"] = dice(segment(data), np.asarray(mask.dataobj), BRAIN)
+        if figures["brain_dice"] < MIN_BRAIN_DICE:
+            found_problems.append(f"brain Dice {figures['brain_dice']:.3f} < {MIN_BRAIN_DICE}: not the head the "
+                                  f"mask asks for")
     record = json.loads((folder / "record.json").read_text())
     if record.get("backend") != "onnxruntime" or not record["model"].get("verification_passed"):
         found_problems.append(f"record.json: backend {record.get('backend')!r}, model not a verified export")
     if reference is not None:
         other = nib.load(reference / "sample_0.nii.gz").get_fdata()
-        difference = float(np.abs(other - data).max()) if other.shape == data.shape else float("inf")
-        if difference > REFERENCE_TOLERANCE:
-            found_problems.append(f"differs from the reference run {reference} by up to {difference:.3g}")
+        figures["max_difference"] = float(np.abs(other - data).max()) if other.shape == data.shape else float("inf")
+        if figures["max_difference"] > REFERENCE_TOLERANCE:
+            found_problems.append(f"differs from the reference run {reference} by up to "
+                                  f"{figures['max_difference']:.3g}")
     return found_problems
 
 
@@ -74,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mask":
         print(write_mask(args.path))
         return 0
-    found = problems(args.mask, args.folder, args.reference)
+    figures = {}
+    found = problems(args.mask, args.folder, args.reference, figures)
     for problem in found:
         print(f"FAIL {problem}")
     if not found:
-        print(f"OK {args.folder}: on the mask's grid, brain Dice >= {MIN_BRAIN_DICE}"
-              + (f", equal to {args.reference}" if args.reference else ""))
+        print(f"OK {args.folder}: on the mask's grid, brain Dice {figures['brain_dice']:.3f} (>= {MIN_BRAIN_DICE})"
+              + (f", equal to {args.reference} (max difference {figures['max_difference']:.3g})"
+                 if args.reference else ""))
     return 1 if found else 0
 
 

@@ -52,7 +52,8 @@ podman run --rm --network=none --read-only --tmpfs /tmp \
     -v "$WORK/output:/var/holoscan/output" \
     $IMAGE --seed 1
 step "the same run outside the container, on the repository exported in it"
-.venv/bin/python -m app -i "$WORK/input" -o "$WORK/reference" -m "$WORK/models" --seed 1 >/dev/null
+/usr/bin/time -f "outside the container: peak RSS %M kB, %e s wall, %P CPU" \
+    .venv/bin/python -m app -i "$WORK/input" -o "$WORK/reference" -m "$WORK/models" --seed 1 -l WARN >/dev/null
 step "check"
 .venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output/head" \
     --reference "$WORK/reference/head"

@@ -197,6 +197,16 @@ def test_job_points_at_the_service(manifests):
         assert any(env[name].startswith(path) for path in mounted), name
 
 
+def test_deployment_files_named_in_the_readmes_exist():
+    for readme in (REPO / "README.md", DEPLOY / "README.md"):
+        text = readme.read_text()
+        named = set(re.findall(r"`((?:deploy|app|scripts)/[\w./-]+\.(?:yaml|py|sh))`", text))
+        named |= set(re.findall(r"-f (deploy/[\w./]+)", text)) | set(re.findall(r"apply -k (deploy/[\w/]+)", text))
+        assert named, readme
+        for path in named:
+            assert (REPO / path).exists(), f"{readme.name} names {path}, which does not exist"
+
+
 # --- the MAP's app.yaml ----------------------------------------------------------------------------------------
 
 
