@@ -5,6 +5,7 @@ against the Kubernetes schemas), the MAP's app.yaml, and the container check's o
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -208,6 +209,20 @@ def test_deployment_files_named_in_the_readmes_exist():
 
 
 # --- the MAP's app.yaml ----------------------------------------------------------------------------------------
+
+
+def test_map_layout_runs_the_app(tmp_path):
+    """The staged MAP (scripts/map_package.sh) run as the packager's image runs it: `python3 APP_DIR`, with every
+    folder under lib on PYTHONPATH ahead of lib itself (holoscan-cli 3.11's Dockerfile template)."""
+    staged = subprocess.run([REPO / "scripts" / "map_package.sh"], cwd=REPO, env={**os.environ, "MAP_STAGE_ONLY": "1"},
+                            capture_output=True, text=True, timeout=120)
+    assert staged.returncode == 0, staged.stderr
+    lib = REPO / "build" / "map" / "lib"
+    assert sorted(p.name for p in lib.iterdir()) == ["app", "export", "meddpm"]
+    path = [str(p) for p in sorted(lib.rglob("*")) if p.is_dir()] + [str(lib)]
+    result = subprocess.run([sys.executable, REPO / "build" / "map" / "app", "--help"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": ":".join(path)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: python -m app" in result.stdout, result.stderr[-2000:]
 
 
 def test_app_yaml_resources():
