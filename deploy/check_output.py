@@ -1,7 +1,7 @@
 """Check one synthesis result folder: what scripts/container_check.sh runs on the container's output.
 
     python -m deploy.check_output mask OUT/head.nii.gz                      # write the check's phantom mask
-    python -m deploy.check_output verify OUT/head.nii.gz OUT/result/head [--reference HOST_RESULT/head]
+    python -m deploy.check_output verify OUT/head.nii.gz OUT/result/head [--reference HOST_RESULT/head] [--backend B]
 
 `verify` prints one line per finding and exits 1 if any: the files are there, the volume lies on the mask's
 grid, holds finite values in the model range, draws the head the mask asks for (brain Dice, as the app tests),
@@ -32,7 +32,8 @@ def write_mask(path: Path) -> Path:
     return path
 
 
-def problems(mask_path: Path, folder: Path, reference: Path | None = None, figures: dict | None = None) -> list[str]:
+def problems(mask_path: Path, folder: Path, reference: Path | None = None, figures: dict | None = None,
+             backend: str = "onnxruntime") -> list[str]:
     """What is wrong with one mask's result folder (empty when it is right); `figures` gets what was measured."""
     figures = {} if figures is None else figures
     expected = {"sample_0.nii.gz", "preview.png", "record.json"}
@@ -54,8 +55,9 @@ def problems(mask_path: Path, folder: Path, reference: Path | None = None, figur
             found_problems.append(f"brain Dice {figures['brain_dice']:.3f} < {MIN_BRAIN_DICE}: not the head the "
                                   f"mask asks for")
     record = json.loads((folder / "record.json").read_text())
-    if record.get("backend") != "onnxruntime" or not record["model"].get("verification_passed"):
-        found_problems.append(f"record.json: backend {record.get('backend')!r}, model not a verified export")
+    if record.get("backend") != backend or not record["model"].get("verification_passed"):
+        found_problems.append(f"record.json: backend {record.get('backend')!r} (expected {backend!r}) or the model "
+                              f"is not a verified export")
     if reference is not None:
         other = nib.load(reference / "sample_0.nii.gz").get_fdata()
         figures["max_difference"] = float(np.abs(other - data).max()) if other.shape == data.shape else float("inf")
@@ -73,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("mask", type=Path)
     verify.add_argument("folder", type=Path)
     verify.add_argument("--reference", type=Path)
+    verify.add_argument("--backend", default="onnxruntime", help="record.json's backend, e.g. 'triton NAME (shm)'")
     args = parser.parse_args(argv)
     if args.command == "mask":
         print(write_mask(args.path))
         return 0
     figures = {}
-    found = problems(args.mask, args.folder, args.reference, figures)
+    found = problems(args.mask, args.folder, args.reference, figures, args.backend)
     for problem in found:
         print(f"FAIL {problem}")
     if not found:

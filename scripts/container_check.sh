@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Build the application image from the repository's Dockerfile on a local Debian 12 base and run it here:
 # export the demo model inside the container, synthesise a phantom head with the app's defaults (ONNX Runtime
-# in process, DDPM 250 steps, seed 1), and check the result against the same run outside the container.
+# in process, DDPM 250 steps, seed 1), and check the result against the same run outside the container; then
+# run the container against a Triton server on this host with shared memory across the container boundary,
+# as the compose stack's app does, and check that result too.
 # Needs root (podman), .venv (scripts/setup.sh) and Debian's packages (scripts/setup_containers.sh installs
-# them). Results in build/container-check/; the image is localhost/meddpm-deploy:check.
+# them); .venv-triton is made by scripts/setup_triton.sh. Results in build/container-check/; the image is localhost/meddpm-deploy:check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_containers.sh
@@ -57,3 +59,25 @@ step "the same run outside the container, on the repository exported in it"
 step "check"
 .venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output/head" \
     --reference "$WORK/reference/head"
+
+step "synthesise in the container with the UNet on a Triton server on this host (shared memory, --ipc=host)"
+scripts/setup_triton.sh
+mkdir -p "$WORK/output-triton"
+chown $APP_UID:$APP_UID "$WORK/output-triton"
+.venv/bin/python - "$WORK" $IMAGE <<'PY'
+import subprocess
+import sys
+from pathlib import Path
+
+from deploy.local_triton import LocalTriton
+
+work, image = Path(sys.argv[1]), sys.argv[2]
+with LocalTriton(work / "models", log_path=work / "tritonserver.log") as server:
+    subprocess.run(["podman", "run", "--rm", "--network=host", "--ipc=host", "--read-only", "--tmpfs", "/tmp",
+                    "-e", f"TRITON_SERVER_NETLOC={server.url}", "-e", "MEDDPM_TRITON_TRANSPORT=shm",
+                    "-v", f"{work}/input:/var/holoscan/input:ro", "-v", f"{work}/models:/opt/holoscan/models:ro",
+                    "-v", f"{work}/output-triton:/var/holoscan/output", image, "--seed", "1"], check=True)
+PY
+step "check"
+.venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-triton/head" \
+    --reference "$WORK/reference/head" --backend "triton meddpm_demo_cpu (shm)"

@@ -254,6 +254,7 @@ def result_folder(tmp_path):
 def test_verifier_accepts_a_right_result(result_folder):
     mask_path, folder, _ = result_folder
     assert check_output.problems(mask_path, folder, reference=folder) == []
+    assert "expected 'triton" in check_output.problems(mask_path, folder, backend="triton meddpm_demo_cpu (shm)")[0]
 
 
 def test_verifier_rejects_wrong_results(result_folder, tmp_path):
