@@ -5,7 +5,8 @@
 # run the container against a Triton server on this host with shared memory across the container boundary,
 # as the compose stack's app does, and check that result too.
 # Needs root (podman), .venv (scripts/setup.sh) and Debian's packages (scripts/setup_containers.sh installs
-# them); .venv-triton is made by scripts/setup_triton.sh. Results in build/container-check/; the image is localhost/meddpm-deploy:check.
+# them); .venv-triton is made by scripts/setup_triton.sh. Results in build/container-check/, build log in
+# build/container-build.log; the image is localhost/meddpm-deploy:check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_containers.sh

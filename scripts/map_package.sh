@@ -20,7 +20,8 @@ cat >"$STAGE/app/__main__.py" <<'PY'
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "lib"))  # the MAP's lib, ahead of its subfolders
+# the MAP's lib folder first: the packager also puts its subfolders on PYTHONPATH, and lib/app/app.py would shadow app
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "lib"))
 from app.app import main  # noqa: E402
 
 raise SystemExit(main())

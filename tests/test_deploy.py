@@ -188,7 +188,8 @@ def test_job_points_at_the_service(manifests):
     assert env["MEDDPM_MODEL"] == triton_env["MEDDPM_MODEL"]
     compose_app = yaml.safe_load(COMPOSE.read_text())["services"]["app"]
     assert container["image"] == compose_app["image"]
-    assert pod["securityContext"]["runAsUser"] == int(re.search(r"ARG APP_UID=(\d+)", (REPO / "Dockerfile").read_text())[1])
+    image_uid = int(re.search(r"ARG APP_UID=(\d+)", (REPO / "Dockerfile").read_text())[1])
+    assert pod["securityContext"]["runAsUser"] == image_uid
     claims = {m["metadata"]["name"] for m in by_kind(manifests, "PersistentVolumeClaim")}
     for volume in pod["volumes"] + deployment["spec"]["template"]["spec"]["volumes"]:
         if "persistentVolumeClaim" in volume:
@@ -220,8 +221,9 @@ def test_map_layout_runs_the_app(tmp_path):
     lib = REPO / "build" / "map" / "lib"
     assert sorted(p.name for p in lib.iterdir()) == ["app", "export", "meddpm"]
     path = [str(p) for p in sorted(lib.rglob("*")) if p.is_dir()] + [str(lib)]
-    result = subprocess.run([sys.executable, REPO / "build" / "map" / "app", "--help"], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": ":".join(path)}, capture_output=True, text=True, timeout=120)
+    environment = {**os.environ, "PYTHONPATH": ":".join(path)}
+    result = subprocess.run([sys.executable, REPO / "build" / "map" / "app", "--help"], cwd=tmp_path, env=environment,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: python -m app" in result.stdout, result.stderr[-2000:]
 
 
