@@ -1,6 +1,6 @@
 """Deployment files stay valid and agree with each other: Dockerfile (hadolint), compose (the compose-spec
 schema shipped by check-jsonschema, plus what a schema cannot see), Kubernetes (kustomize render validated
-against the Kubernetes schemas), the MAP's app.yaml, and the container check's output verifier."""
+against the Kubernetes schemas), the MAP's app.yaml and staged layout, and the container check's output verifier."""
 
 from __future__ import annotations
 
