@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Package the app as a MONAI Application Package with `monai-deploy package` (holoscan-cli 3.x, in its own
+# environment build/venv-map; the SDK's own holoscan-cli 4.x/5.x has no `monai-deploy`). Needs Docker with buildx.
+#
+# The packager runs `python3 /opt/holoscan/app` and copies the contents of each --add folder into
+# /opt/holoscan/lib, putting every folder under it on PYTHONPATH ahead of lib itself; lib/app/app.py would then
+# shadow the `app` package. So the staged application folder holds only requirements.txt and a __main__.py that
+# puts lib first, and the packages (app, meddpm, export) go under lib. The exported repository is embedded with
+# --models.
+# Usage: scripts/map_package.sh [MODEL_REPOSITORY] [more `monai-deploy package` arguments]
+# MAP_STAGE_ONLY=1 stops after staging build/map (to look at it, or to run it as the MAP would).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODELS=${1:-model_repository}
+shift || true
+STAGE=build/map
+rm -rf "$STAGE"
+mkdir -p "$STAGE/app" "$STAGE/lib"
+cat >"$STAGE/app/__main__.py" <<'PY'
+import pathlib
+import sys
+
+# the MAP's lib folder first: the packager also puts its subfolders on PYTHONPATH, and lib/app/app.py would shadow app
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "lib"))
+from app.app import main  # noqa: E402
+
+raise SystemExit(main())
+PY
+python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    >"$STAGE/app/requirements.txt"
+for package in app meddpm export; do
+    cp -r "$package" "$STAGE/lib/$package"
+done
+find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
+if [[ ${MAP_STAGE_ONLY:-0} == 1 ]]; then
+    exit 0
+fi
+if [[ ! -x build/venv-map/bin/monai-deploy ]]; then
+    python3 -m venv build/venv-map
+    # holoscan-cli reads the Holoscan and SDK versions from packages installed beside it (metadata only).
+    build/venv-map/bin/pip install --quiet holoscan-cli==3.11.0
+    build/venv-map/bin/pip install --quiet --no-deps holoscan-cu13==4.6.0 monai-deploy-app-sdk==4.0.0
+fi
+build/venv-map/bin/monai-deploy package "$STAGE/app" -c app/app.yaml -t meddpm-deploy-map:0.1.0 \
+    --platform x86_64 --add "$STAGE/lib" --models "$MODELS" "$@"
