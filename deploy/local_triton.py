@@ -3,7 +3,8 @@
 The server is the real `tritonserver` binary that the nvidia-pytriton wheel carries, run from its own virtual
 environment (`scripts/setup_triton.sh` makes `.venv-triton`). It has the python backend but no ONNX Runtime
 backend, so it loads the `<name>_cpu` entries that `python -m export` writes: the same graph, same tensor
-names, run by ONNX Runtime inside the python backend.
+names, run by ONNX Runtime inside the python backend; and the `<name>_sampler` entries (the server-side
+sampling loop, which calls them).
 
     python -m deploy.local_triton --repository model_repository      # serves until Ctrl-C
 
@@ -28,7 +29,7 @@ from meddpm.served_model import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-triton"
-CPU_SUFFIX = "_cpu"
+CPU_SUFFIX, SAMPLER_SUFFIX = "_cpu", "_sampler"
 
 
 def free_port() -> int:
@@ -38,8 +39,9 @@ def free_port() -> int:
 
 
 def cpu_models(repository: Path) -> list[str]:
-    """The exported CPU entries of a repository (those with weights written by `python -m export`)."""
-    return sorted(p.name for p in repository.glob(f"*{CPU_SUFFIX}") if (p / "1" / MANIFEST).is_file())
+    """The exported CPU and sampler entries of a repository (those written by `python -m export`)."""
+    return sorted(p.name for suffix in (CPU_SUFFIX, SAMPLER_SUFFIX) for p in repository.glob(f"*{suffix}")
+                  if (p / "1" / MANIFEST).is_file())
 
 
 class LocalTriton:
@@ -81,7 +83,7 @@ class LocalTriton:
             **os.environ,
             "PATH": f"{self.venv / 'bin'}:{os.environ.get('PATH', '')}",
             "VIRTUAL_ENV": str(self.venv),
-            "LD_LIBRARY_PATH": str(server.parent.parent / "nvidia_pytriton.libs"),
+            "LD_LIBRARY_PATH": f"{server.parent.parent / 'nvidia_pytriton.libs'}:{self._python_library_folder()}",
         }
         environment.pop("PYTHONPATH", None)
         return command, environment
@@ -132,6 +134,13 @@ class LocalTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def _python_library_folder(self) -> Path:
+        """Where the libpython of the venv's interpreter is: the python stub links libpython3.X.so dynamically,
+        and must load the one whose standard library (lib-dynload: _ssl, which diffusers needs) the venv uses,
+        not the system's."""
+        config = dict(line.split(" = ", 1) for line in (self.venv / "pyvenv.cfg").read_text().splitlines() if " = " in line)
+        return Path(config["home"]).parent / "lib"
 
     def _server_folder(self) -> Path:
         found = sorted(self.venv.glob("lib/python3*/site-packages/pytriton/tritonserver"))
