@@ -48,13 +48,17 @@ class LocalTriton:
     """One tritonserver process with explicit model control, loading the repository's CPU entries."""
 
     def __init__(self, repository: Path, venv: Path = DEFAULT_VENV, grpc_port: int | None = None,
-                 http_port: int | None = None, log_path: Path | None = None):
+                 http_port: int | None = None, log_path: Path | None = None, address: str = "127.0.0.1",
+                 prefix: tuple[str, ...] = ()):
+        """`address` and `prefix` serve elsewhere than loopback, e.g. inside a network namespace
+        (prefix ("ip", "netns", "exec", NAME) and that namespace's address: benchmarks/limited_link.py)."""
         self.repository = Path(repository).resolve()
         self.venv = Path(venv)
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.log_path = log_path or self.repository.parent / f"tritonserver-{self.grpc_port}.log"
         self.models = cpu_models(self.repository)
+        self.address, self.prefix = address, list(prefix)
         self.process: subprocess.Popen | None = None
         if not self.models:
             raise ConfigurationError(
@@ -64,18 +68,19 @@ class LocalTriton:
     @property
     def url(self) -> str:
         """The gRPC address, as TRITON_SERVER_NETLOC takes it."""
-        return f"localhost:{self.grpc_port}"
+        return f"{'localhost' if self.address == '127.0.0.1' else self.address}:{self.grpc_port}"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         server = self._server_folder()
         command = [
+            *self.prefix,
             str(server / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
             f"--backend-directory={server / 'backends'}",
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in self.models),
-            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.address}", f"--http-port={self.http_port}",
             "--allow-metrics=false",
             "--exit-timeout-secs=10",
         ]
@@ -107,7 +112,7 @@ class LocalTriton:
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as answer:
+            with urllib.request.urlopen(f"http://{self.address}:{self.http_port}/v2/health/ready", timeout=2) as answer:
                 return answer.status == 200
         except (urllib.error.URLError, OSError):
             return False
