@@ -185,3 +185,13 @@ def test_a_silent_server_ends_the_stream_at_the_deadline(fault_triton, model):
     finally:
         fault_triton.process.send_signal(signal.SIGCONT)
     assert time.monotonic() - started < 30
+
+
+def test_the_server_loop_without_a_server_is_a_configuration_error(demo_repository, tmp_path):
+    labels, _ = make_phantom(np.random.default_rng(5), (32, 32, 32), 6.0)
+    nib.save(nib.Nifti1Image(labels, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "head.nii.gz")
+    done = subprocess.run([sys.executable, "-m", "app", "-i", tmp_path / "head.nii.gz", "-o", tmp_path / "out", "-m", demo_repository,
+                           "--triton-loop", "server"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_SERVER_NETLOC"})
+    assert done.returncode == ConfigurationError.exit_code
+    assert "--triton-loop server needs a Triton server: set TRITON_SERVER_NETLOC" in done.stderr
