@@ -118,6 +118,30 @@ def test_stop_cancels_the_server_loop_and_frees_the_instance(triton, model):
     assert len(results) == 2 and np.array_equal(results[0], results[1])
 
 
+def test_ctrl_c_in_the_app_cancels_the_server_loop(triton, demo_repository, tmp_path):
+    labels, _ = make_phantom(np.random.default_rng(8), (32, 32, 32), 6.0)
+    nib.save(nib.Nifti1Image(labels, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "head.nii.gz")
+    environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", "TRITON_SERVER_NETLOC": triton.url}
+    args = ["-i", tmp_path / "head.nii.gz", "-o", tmp_path / "out", "-m", demo_repository, "--triton-loop", "server",
+            "--scheduler", "ddim", "--steps", 200]
+    app = subprocess.Popen([sys.executable, "-m", "app", *map(str, args)], cwd=REPO, env=environment,
+                           stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in app.stderr:  # the server's progress, logged by the app at INFO every tenth of the run
+        seen.append(line)
+        if "step 20/200" in line:
+            break
+    app.send_signal(signal.SIGINT)
+    seen += app.stderr.readlines()
+    assert app.wait(60) == Interrupted.exit_code, "".join(seen)
+    assert "the server-side loop was cancelled" in "".join(seen)
+    time.sleep(1.0)
+    after_cancel = unet_inferences(triton)
+    time.sleep(2.0)
+    assert unet_inferences(triton) == after_cancel, "the server-side loop went on after Ctrl-C"
+    assert not (tmp_path / "out" / "head").exists()
+
+
 def test_bad_settings_come_back_as_configuration_errors(triton, model):
     loop = server_loop(triton, model)
     with pytest.raises(ConfigurationError, match="unknown scheduler 'euler'; choose one of ddpm, ddim"):
