@@ -34,6 +34,7 @@ from meddpm.memory import check_fits
 from meddpm.pacs import PacsExporter, dicomweb_credentials
 from meddpm.served_model import ServedModel, find_model
 from meddpm.triton_denoiser import RetryPolicy, TritonDenoiser
+from meddpm.triton_sampler import TritonServerLoop
 
 log = logging.getLogger("app")
 
@@ -62,6 +63,7 @@ class SynthesisJob:
     segment_map: SegmentMap | None = None
     dicom: DicomOptions = DicomOptions()
     pacs: PacsExporter | None = None
+    server_loop: TritonServerLoop | None = None  # --triton-loop server: the loop runs inside Triton
     report: RunReport = dataclasses.field(default_factory=RunReport)
 
 
@@ -79,7 +81,8 @@ class SynthesisApp(Application):
             segment_map=job.segment_map, report=job.report, name="mask_loader",
         )
         synthesis = SynthesisOperator(
-            self, model=job.model, denoiser=job.denoiser, plan=job.plan, report=job.report, name="synthesis"
+            self, model=job.model, denoiser=job.denoiser, plan=job.plan, report=job.report,
+            server_loop=job.server_loop, name="synthesis"
         )
         writer = OutputWriterOperator(
             self, output_folder=job.output_folder, model=job.model, rescale=job.rescale, formats=job.output_formats,
@@ -104,11 +107,12 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
                                  "--output-format nifti,dicom (MEDDPM_OUTPUT_FORMAT)")
     masks = find_mask_inputs(Path(context.input_path))
     denoiser = make_denoiser(context.triton_server_netloc, model, settings)
+    server_loop = TritonServerLoop(denoiser) if settings.triton_loop == "server" else None
     log.info("model %s (preset %s), scheduler %s, %d steps, seeds %s, %d mask(s)", model.name, model.preset.name,
              plan.scheduler, plan.steps, plan.seeds, len(masks))
     dicom = DicomOptions(settings.dicom_identity, settings.dicom_copy or ())
     return SynthesisJob(model, denoiser, plan, masks, Path(context.output_path), settings.rescale, formats,
-                        settings.segment_map, dicom, pacs)
+                        settings.segment_map, dicom, pacs, server_loop)
 
 
 def make_exporter(settings: SamplingSettings) -> PacsExporter | None:
@@ -123,10 +127,15 @@ def make_exporter(settings: SamplingSettings) -> PacsExporter | None:
 def make_denoiser(triton_url: str | None, model: ServedModel, settings: SamplingSettings) -> Denoiser:
     """The Triton server when an address is given (TRITON_SERVER_NETLOC / --triton-server-netloc), else in process."""
     if not triton_url:
+        if settings.triton_loop == "server":
+            raise ConfigurationError("--triton-loop server needs a Triton server: set TRITON_SERVER_NETLOC or "
+                                     "--triton-server-netloc HOST:PORT, or drop --triton-loop")
         check_fits(model.preset, min(settings.batch_size, settings.samples), model.onnx_path.stat().st_size)
         return OnnxRuntimeDenoiser(model.onnx_path, settings.threads)
     policy = RetryPolicy(deadline_s=settings.triton_deadline, window_s=settings.triton_retry_window)
-    return TritonDenoiser(triton_url, model, settings.triton_model, settings.triton_transport, policy)
+    # The server-side loop moves no tensors per step: no shared memory to set up for it.
+    transport = "network" if settings.triton_loop == "server" else settings.triton_transport
+    return TritonDenoiser(triton_url, model, settings.triton_model, transport, policy)
 
 
 def run_graph(app: SynthesisApp, report: RunReport) -> None:

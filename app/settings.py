@@ -19,6 +19,7 @@ from meddpm.pacs import CStoreDestination
 from meddpm.presets import SCHEDULERS
 from meddpm.sampling import FAST_DEFAULT_STEPS
 from meddpm.triton_denoiser import TRANSPORTS, RetryPolicy
+from meddpm.triton_sampler import LOOP_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,12 @@ def _seconds(text: str) -> float:
 def _transport(text: str) -> str:
     if text not in TRANSPORTS:
         raise argparse.ArgumentTypeError(f"'{text}' is not a transport; choose one of {', '.join(TRANSPORTS)}")
+    return text
+
+
+def _loop(text: str) -> str:
+    if text not in LOOP_MODES:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a loop mode; choose one of {', '.join(LOOP_MODES)}")
     return text
 
 
@@ -136,8 +143,10 @@ SETTINGS = (
             "whichever is ready)"),
     Setting("triton_transport", "MEDDPM_TRITON_TRANSPORT", _transport, "auto", "shm: shared memory (same host); "
             "network: tensors in the gRPC messages; auto: shm when the server is on this host and can map it"),
+    Setting("triton_loop", "MEDDPM_TRITON_LOOP", _loop, "client", "client: the app runs the loop, one request per "
+            "step; server: the server runs it (NAME_sampler), one request per volume, progress streamed"),
     Setting("triton_deadline", "MEDDPM_TRITON_DEADLINE", _seconds, RetryPolicy.deadline_s, "seconds one UNet call "
-            "may take before it is retried"),
+            "(server-side loop: one step) may take before it is retried (server-side loop: cancelled)"),
     Setting("triton_retry_window", "MEDDPM_TRITON_RETRY_WINDOW", _seconds, RetryPolicy.window_s, "seconds to wait "
             "for a server that is away (at the start, or restarting mid-run) before giving up"),
     Setting("output_format", "MEDDPM_OUTPUT_FORMAT", _output_format, "nifti", "nifti, dicom or nifti,dicom: NIfTI "
@@ -171,6 +180,7 @@ class SamplingSettings:
     threads: int = 0
     triton_model: str | None = None
     triton_transport: str = "auto"
+    triton_loop: str = "client"
     triton_deadline: float = RetryPolicy.deadline_s
     triton_retry_window: float = RetryPolicy.window_s
     output_format: str = "nifti"

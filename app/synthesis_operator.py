@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -17,6 +18,7 @@ from meddpm.geometry import ModelGrid, condition_channels
 from meddpm.masks import LabelMask
 from meddpm.sampling import check_steps, default_steps, sample
 from meddpm.served_model import ServedModel
+from meddpm.triton_sampler import TritonServerLoop
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("meddpm.progress")
@@ -58,13 +60,14 @@ class SynthesisOperator(Operator):
     """
 
     def __init__(self, fragment: Fragment, *args, model: ServedModel, denoiser: Denoiser, plan: SamplingPlan,
-                 report: RunReport, **kwargs):
+                 report: RunReport, server_loop: TritonServerLoop | None = None, **kwargs):
         self.input_name_mask = "mask"
         self.output_name_synthesis = "synthesis"
         self._model = model
         self._denoiser = denoiser
         self._plan = plan
         self._report = report
+        self._server_loop = server_loop  # when set, the loop runs inside Triton instead of here
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
@@ -86,11 +89,12 @@ class SynthesisOperator(Operator):
         condition = condition_channels(grid.labels_to_network(mask.labels), preset)
         prepared = time.monotonic()
         batches = [plan.seeds[i : i + plan.batch_size] for i in range(0, len(plan.seeds), plan.batch_size)]
+        loop = self._server_loop.sample if self._server_loop else functools.partial(sample, self._denoiser)
         images = []
         for number, seeds in enumerate(batches, 1):
             label = f"{mask.name} batch {number}/{len(batches)}"
-            images.append(sample(self._denoiser, condition, preset.out_channels, plan.scheduler, plan.steps,
-                                 preset.schedule, seeds, StepProgress(label), self._report.stop))
+            images.append(loop(condition, preset.out_channels, plan.scheduler, plan.steps,
+                               preset.schedule, seeds, StepProgress(label), self._report.stop))
         sampled = time.monotonic()
         samples = [grid.image_from_network(image) for image in np.concatenate(images)]
         record = {
@@ -98,7 +102,7 @@ class SynthesisOperator(Operator):
             "steps": plan.steps,
             "seeds": plan.seeds,
             "batch_size": plan.batch_size,
-            "backend": self._denoiser.name,
+            "backend": (self._server_loop or self._denoiser).name,
             "grid": {"mask_shape": list(mask.labels.shape), "network_grid": list(preset.image.grid),
                      "resampled": grid.resampled, "exact": grid.exact},
             "timings_s": {"prepare": round(prepared - started, 3), "sampling": round(sampled - prepared, 3),

@@ -1,17 +1,22 @@
 """The sampling loop, side by side in one run: Med-DDPM's reference loop, ours in process, ours on Triton.
 
     python -m benchmarks.sampling_loop [--grids 32 64] [--steps 20] [--repeats 5] [--backends ...] [--json FILE]
+                                       [--link-rate 100mbit]
 
 Backends (all on the demo model, exported at each grid: its weights are convolutions, any grid divisible by 4):
 - reference: Med-DDPM's own loop: the PyTorch UNet in eager mode, the condition concatenated every step, its
   DDPM posterior step (x0 clipped) with the schedule buffers it stores;
 - onnxruntime: our loop (meddpm.sampling, diffusers scheduler) with ONNX Runtime in process, the app's default;
 - triton-network, triton-shm: our loop against the local Triton server (deploy/local_triton.py) over gRPC,
-  tensors in the messages or in system shared memory.
+  tensors in the messages or in system shared memory;
+- triton-server-loop: the same loop inside that server (<name>_sampler, UNet through BLS): one request per
+  volume, progress streamed back.
 Every backend runs `steps` steps from the same condition and seed, repeated; the order rotates every repeat so
 that machine noise falls on all alike. Per step it separates the UNet call (for Triton: the round trip) from
-the rest of the loop (scheduler math, copies). Peak resident memory is read per backend (Linux VmHWM, reset
+the rest of the loop (scheduler math, copies; not separable for the server-side loop). Peak resident memory is read per backend (Linux VmHWM, reset
 before each backend's runs); for Triton the server's processes are added. Prints a table, writes JSON.
+With --link-rate (root) the server runs behind a rate-limited link (benchmarks/limited_link.py) instead of
+loopback; shared memory is then out of reach, as for a server on another host.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.limited_link import Link, limited_link
 from deploy.local_triton import LocalTriton
 from export.cli import main as export_main
 from meddpm.checkpoint import load_checkpoint
@@ -42,10 +48,11 @@ from meddpm.sampling import sample
 from meddpm.schedule import betas, meddpm_buffers
 from meddpm.served_model import ServedModel, find_model
 from meddpm.triton_denoiser import TritonDenoiser
+from meddpm.triton_sampler import TritonServerLoop
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"
-BACKENDS = ("reference", "onnxruntime", "triton-network", "triton-shm")
+BACKENDS = ("reference", "onnxruntime", "triton-network", "triton-shm", "triton-server-loop")
 
 
 @dataclasses.dataclass
@@ -90,6 +97,15 @@ def our_loop(denoiser: Denoiser, model: ServedModel, condition: np.ndarray, step
                    progress=lambda done, total, elapsed: marks.append(time.perf_counter()))
     volume = time.perf_counter() - started
     return Run(image, np.diff([started, *marks]).tolist(), timed.calls, volume)
+
+
+def server_loop(loop: TritonServerLoop, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
+    """Steps timed by their streamed progress; the UNet's share is not seen from the client."""
+    marks = []
+    started = time.perf_counter()
+    image = loop.sample(condition, model.preset.out_channels, "ddim", steps, model.preset.schedule, [seed],
+                        progress=lambda done, total, elapsed: marks.append(time.perf_counter()))
+    return Run(image, np.diff([started, *marks]).tolist(), [], time.perf_counter() - started)
 
 
 def reference_loop(unet: torch.nn.Module, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
@@ -160,16 +176,26 @@ def demo_at_grid(side: int, folder: Path) -> ServedModel:
     return find_model(repository, "meddpm_bench")
 
 
+PROGRESS_BYTES = 8  # the progress tensor of the server-side loop: two int32
+
+
 def bytes_per_step(model: ServedModel) -> dict[str, int]:
     """Bytes one step moves for one sample (computed from the tensor shapes)."""
     voxels = int(np.prod(model.preset.image.grid))
     image = model.preset.out_channels * voxels * 4
     condition = len(model.preset.condition.labels) * voxels * 4
     return {"reference": 0, "onnxruntime": 0, "triton-network": 2 * image + condition + 4,
-            "triton-shm": 2 * image + 4, "triton-shm once per volume": condition}
+            "triton-shm": 2 * image + 4, "triton-shm once per volume": condition,
+            "triton-server-loop": PROGRESS_BYTES, "triton-server-loop once per volume": condition + image}
 
 
-def measure_grid(side: int, steps: int, repeats: int, backends: list[str], folder: Path) -> dict:
+def bytes_per_volume(moved: dict[str, int], steps: int) -> dict[str, int]:
+    """Tensor bytes one volume moves between client and server (over gRPC, or through shared memory for shm)."""
+    return {name: steps * per_step + moved.get(f"{name} once per volume", 0)
+            for name, per_step in moved.items() if not name.endswith("once per volume")}
+
+
+def measure_grid(side: int, steps: int, repeats: int, backends: list[str], folder: Path, link: Link | None = None) -> dict:
     model = demo_at_grid(side, folder)
     labels, _ = make_phantom(np.random.default_rng(0), model.preset.image.grid, model.preset.image.voxel_size_mm[0])
     condition = condition_channels(labels, model.preset)
@@ -182,10 +208,15 @@ def measure_grid(side: int, steps: int, repeats: int, backends: list[str], folde
             ort = OnnxRuntimeDenoiser(model.onnx_path)
             runners["onnxruntime"] = lambda seed: our_loop(ort, model, condition, steps, seed)
         if any(b.startswith("triton") for b in backends):
-            server = stack.enter_context(LocalTriton(model.folder.parent, log_path=folder / f"triton-{side}.log"))
-            for backend in (b for b in backends if b.startswith("triton")):
+            where = {"address": link.server_address, "prefix": link.prefix} if link else {}
+            server = stack.enter_context(LocalTriton(model.folder.parent, log_path=folder / f"triton-{side}.log",
+                                                     **where))
+            for backend in (b for b in backends if b in ("triton-network", "triton-shm")):
                 denoiser = TritonDenoiser(server.url, model, transport=backend.removeprefix("triton-"))
                 runners[backend] = lambda seed, d=denoiser: our_loop(d, model, condition, steps, seed)
+            if "triton-server-loop" in backends:
+                loop = TritonServerLoop(TritonDenoiser(server.url, model, transport="network"))
+                runners["triton-server-loop"] = lambda seed: server_loop(loop, model, condition, steps, seed)
         for run in runners.values():  # warm-up: sessions, connections, the server's first batch
             run(seed=0)
         runs, growth = {name: [] for name in runners}, {name: 0.0 for name in runners}
@@ -199,20 +230,26 @@ def measure_grid(side: int, steps: int, repeats: int, backends: list[str], folde
     return summarise(side, steps, repeats, runs, growth, bytes_per_step(model))
 
 
+def unet_share_outside(run: Run) -> list[float]:
+    """Per step, the share of its time spent outside the UNet call (unknown for the server-side loop)."""
+    return [1 - u / s for s, u in zip(run.step_s[1:], run.unet_s[1:])]
+
+
 def summarise(side: int, steps: int, repeats: int, runs: dict[str, list[Run]], growth: dict, moved: dict) -> dict:
     result = {"grid": side, "steps": steps, "repeats": repeats, "backends": {},
               "shm_condition_bytes_once": moved["triton-shm once per volume"]}
     for name, backend_runs in runs.items():
         steps_s = [s for r in backend_runs for s in r.step_s[1:]]  # the first step also pays the run's setup
-        outside = [1 - u / s for r in backend_runs for s, u in zip(r.step_s[1:], r.unet_s[1:])]
+        outside = [share for r in backend_runs for share in unet_share_outside(r)]
         volumes = [r.volume_s for r in backend_runs]
         result["backends"][name] = {
             "step_ms_median": 1e3 * statistics.median(steps_s),
             "step_ms_iqr": 1e3 * float(np.subtract(*np.percentile(steps_s, [75, 25]))),
             "volume_s_median": statistics.median(volumes), "volume_s_min": min(volumes), "volume_s_max": max(volumes),
-            "outside_unet_share": statistics.median(outside),
+            "outside_unet_share": statistics.median(outside) if outside else None,
             "rss_growth_mib": growth[name],
             "bytes_per_step": moved[name],
+            "bytes_per_volume": bytes_per_volume(moved, steps)[name],
         }
     for base in ("reference", "onnxruntime"):
         if base in result["backends"]:
@@ -228,8 +265,9 @@ def summarise(side: int, steps: int, repeats: int, runs: dict[str, list[Run]], g
 
 def table(results: list[dict]) -> str:
     lines = ["| grid | loop | ms/step (median ± IQR) | s/volume (median, min-max) | outside UNet | step ratio vs "
-             "reference | step ratio vs onnxruntime | volume ratio vs onnxruntime | MiB moved/step | RSS growth MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "reference | step ratio vs onnxruntime | volume ratio vs onnxruntime | MiB moved/step | MiB moved/volume | "
+             "RSS growth MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name, f in r["backends"].items():
             ratios = [f.get(key) for key in ("step_ratio_vs_reference", "step_ratio_vs_onnxruntime",
@@ -237,9 +275,10 @@ def table(results: list[dict]) -> str:
             lines.append(
                 f"| {r['grid']}³ | {name} | {f['step_ms_median']:.1f} ± {f['step_ms_iqr']:.1f} | "
                 f"{f['volume_s_median']:.2f} ({f['volume_s_min']:.2f}-{f['volume_s_max']:.2f}) | "
-                f"{100 * f['outside_unet_share']:.1f}% | "
+                + ("-" if f["outside_unet_share"] is None else f"{100 * f['outside_unet_share']:.1f}%") + " | "
                 + " | ".join("-" if v is None else f"{v:.3f}" for v in ratios)
-                + f" | {f['bytes_per_step'] / 2**20:.2f} | {f['rss_growth_mib']:.0f} |")
+                + f" | {f['bytes_per_step'] / 2**20:.2f} | {f['bytes_per_volume'] / 2**20:.2f} | "
+                  f"{f['rss_growth_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -250,15 +289,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="volumes per loop and grid")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--link-rate", help="serve Triton behind a link of this rate (tc syntax, e.g. 100mbit; root)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as folder:
-        results = [measure_grid(side, args.steps, args.repeats, args.backends, Path(folder)) for side in args.grids]
+    if args.link_rate:
+        args.backends = [b for b in args.backends if b != "triton-shm"]  # no shared memory across a link
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
+        link = stack.enter_context(limited_link(args.link_rate)) if args.link_rate else None
+        results = [measure_grid(side, args.steps, args.repeats, args.backends, Path(folder), link)
+                   for side in args.grids]
     header = (f"{platform.node()}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}: demo model, "
-              f"{args.steps} steps a volume, batch 1, {args.repeats} volumes per loop (after one warm-up)")
+              f"{args.steps} steps a volume, batch 1, {args.repeats} volumes per loop (after one warm-up), "
+              f"Triton {'behind a ' + args.link_rate + ' link' if args.link_rate else 'on loopback'}")
     print(header)
     print(table(results))
-    print("MiB moved/step: tensor bytes over gRPC (network) or through shared memory (shm; the condition goes in "
-          "once per volume); RSS growth: peak resident memory above the level before the run, client + server")
+    print("MiB moved/step: tensor bytes over gRPC (network, server-loop) or through shared memory (shm; the condition "
+          "goes in once per volume, and for server-loop the volume comes out once); RSS growth: peak resident memory above the level before the run, client + server")
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": results}, indent=2) + "\n")
 

@@ -3,7 +3,8 @@
 The server is the real `tritonserver` binary that the nvidia-pytriton wheel carries, run from its own virtual
 environment (`scripts/setup_triton.sh` makes `.venv-triton`). It has the python backend but no ONNX Runtime
 backend, so it loads the `<name>_cpu` entries that `python -m export` writes: the same graph, same tensor
-names, run by ONNX Runtime inside the python backend.
+names, run by ONNX Runtime inside the python backend; and the `<name>_sampler` entries (the server-side
+sampling loop, which calls them).
 
     python -m deploy.local_triton --repository model_repository      # serves until Ctrl-C
 
@@ -28,7 +29,7 @@ from meddpm.served_model import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-triton"
-CPU_SUFFIX = "_cpu"
+CPU_SUFFIX, SAMPLER_SUFFIX = "_cpu", "_sampler"
 
 
 def free_port() -> int:
@@ -38,21 +39,26 @@ def free_port() -> int:
 
 
 def cpu_models(repository: Path) -> list[str]:
-    """The exported CPU entries of a repository (those with weights written by `python -m export`)."""
-    return sorted(p.name for p in repository.glob(f"*{CPU_SUFFIX}") if (p / "1" / MANIFEST).is_file())
+    """The exported CPU and sampler entries of a repository (those written by `python -m export`)."""
+    return sorted(p.name for suffix in (CPU_SUFFIX, SAMPLER_SUFFIX) for p in repository.glob(f"*{suffix}")
+                  if (p / "1" / MANIFEST).is_file())
 
 
 class LocalTriton:
     """One tritonserver process with explicit model control, loading the repository's CPU entries."""
 
     def __init__(self, repository: Path, venv: Path = DEFAULT_VENV, grpc_port: int | None = None,
-                 http_port: int | None = None, log_path: Path | None = None):
+                 http_port: int | None = None, log_path: Path | None = None, address: str = "127.0.0.1",
+                 prefix: tuple[str, ...] = ()):
+        """`address` and `prefix` serve elsewhere than loopback, e.g. inside a network namespace
+        (prefix ("ip", "netns", "exec", NAME) and that namespace's address: benchmarks/limited_link.py)."""
         self.repository = Path(repository).resolve()
         self.venv = Path(venv)
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.log_path = log_path or self.repository.parent / f"tritonserver-{self.grpc_port}.log"
         self.models = cpu_models(self.repository)
+        self.address, self.prefix = address, list(prefix)
         self.process: subprocess.Popen | None = None
         if not self.models:
             raise ConfigurationError(
@@ -62,18 +68,19 @@ class LocalTriton:
     @property
     def url(self) -> str:
         """The gRPC address, as TRITON_SERVER_NETLOC takes it."""
-        return f"localhost:{self.grpc_port}"
+        return f"{'localhost' if self.address == '127.0.0.1' else self.address}:{self.grpc_port}"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         server = self._server_folder()
         command = [
+            *self.prefix,
             str(server / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
             f"--backend-directory={server / 'backends'}",
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in self.models),
-            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.address}", f"--http-port={self.http_port}",
             "--allow-metrics=false",
             "--exit-timeout-secs=10",
         ]
@@ -81,7 +88,7 @@ class LocalTriton:
             **os.environ,
             "PATH": f"{self.venv / 'bin'}:{os.environ.get('PATH', '')}",
             "VIRTUAL_ENV": str(self.venv),
-            "LD_LIBRARY_PATH": str(server.parent.parent / "nvidia_pytriton.libs"),
+            "LD_LIBRARY_PATH": f"{server.parent.parent / 'nvidia_pytriton.libs'}:{self._python_library_folder()}",
         }
         environment.pop("PYTHONPATH", None)
         return command, environment
@@ -105,7 +112,7 @@ class LocalTriton:
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as answer:
+            with urllib.request.urlopen(f"http://{self.address}:{self.http_port}/v2/health/ready", timeout=2) as answer:
                 return answer.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -132,6 +139,13 @@ class LocalTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def _python_library_folder(self) -> Path:
+        """Where the libpython of the venv's interpreter is: the python stub links libpython3.X.so dynamically,
+        and must load the one whose standard library (lib-dynload: _ssl, which diffusers needs) the venv uses,
+        not the system's."""
+        config = dict(line.split(" = ", 1) for line in (self.venv / "pyvenv.cfg").read_text().splitlines() if " = " in line)
+        return Path(config["home"]).parent / "lib"
 
     def _server_folder(self) -> Path:
         found = sorted(self.venv.glob("lib/python3*/site-packages/pytriton/tritonserver"))

@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> dict:
                 repository.model_config(name + repository.TRT_SUFFIX, preset, "plan", args.max_batch_size),
                 {"model.plan": plan_path},
             )
+        entries[name + repository.SAMPLER_SUFFIX] = (  # the loop on the server, calling any of the UNet entries
+            repository.sampler_config(name + repository.SAMPLER_SUFFIX, preset, list(entries), args.max_batch_size),
+            {"model.py": repository.SAMPLER_MODEL_SOURCE, "meddpm": repository.MEDDPM_PACKAGE},
+        )
         for entry_name, (config, files) in entries.items():
             path = repository.write_entry(args.repository, entry_name, config, files, manifest)
             print(f"wrote {path}")

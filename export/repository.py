@@ -4,7 +4,9 @@ For a model NAME the repository gets:
 - NAME/      the ONNX Runtime backend config (GPU instances by default; optional TensorRT accelerator);
 - NAME_cpu/  the same graph served by the python backend with ONNX Runtime, for CPU-only Triton servers
              (the nvidia-pytriton `tritonserver` has no onnxruntime backend), under the same tensor names;
-- NAME_trt/  a TensorRT plan, only when asked for and TensorRT is installed.
+- NAME_trt/  a TensorRT plan, only when asked for and TensorRT is installed;
+- NAME_sampler/  the whole sampling loop (python backend, decoupled), calling NAME or NAME_cpu through BLS;
+             its version folder holds a copy of the `meddpm` package, so the server runs the app's own loop.
 Each version folder holds `manifest.json`: the preset, the source checkpoint's hash, package versions and
 the verification figures, so that a client knows exactly what it serves.
 """
@@ -25,8 +27,11 @@ from meddpm.presets import Preset
 from meddpm.served_model import MANIFEST, VARIANT_SUFFIXES
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
 
-CPU_SUFFIX, TRT_SUFFIX = VARIANT_SUFFIXES
+CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX = VARIANT_SUFFIXES
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
+SAMPLER_MODEL_SOURCE = Path(__file__).with_name("triton_sampler_model.py")
+MEDDPM_PACKAGE = Path(__file__).resolve().parents[1] / "meddpm"
+SAMPLER_INSTANCES = 2
 VERSIONS_RECORDED = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers", "meddpm-deploy")
 
 
@@ -62,6 +67,21 @@ def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, tens
     return config
 
 
+def sampler_config(name: str, preset: Preset, unet_models: list[str], unet_max_batch_size: int) -> mc.ModelConfig:
+    """The server-side loop: one condition in, progress per step and the volumes out (decoupled)."""
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    grid = list(preset.image.grid)
+    config.input.add(name="condition", data_type=mc.TYPE_FP32, dims=[len(preset.condition.labels), *grid])
+    config.output.add(name="progress", data_type=mc.TYPE_INT32, dims=[2])
+    config.output.add(name="image", data_type=mc.TYPE_FP32, dims=[-1, preset.out_channels, *grid])
+    config.model_transaction_policy.decoupled = True
+    # Each instance runs one loop at a time; the UNet's dynamic batcher merges the steps of concurrent loops.
+    config.instance_group.add(count=SAMPLER_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.parameters["unet_models"].string_value = ",".join(unet_models)
+    config.parameters["unet_max_batch_size"].string_value = str(unet_max_batch_size)
+    return config
+
+
 def config_text(config: mc.ModelConfig) -> str:
     return "# Written by `python -m export`; edit the export options rather than this file.\n" + text_format.MessageToString(config)
 
@@ -93,6 +113,9 @@ def write_entry(repository: Path, name: str, config: mc.ModelConfig, files: dict
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        return
     try:
         os.link(source, target)
     except OSError:

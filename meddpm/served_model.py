@@ -14,7 +14,7 @@ from meddpm.unet import INPUT_NAMES
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-VARIANT_SUFFIXES = ("_cpu", "_trt")  # other servings of the same graph, see export/repository.py
+VARIANT_SUFFIXES = ("_cpu", "_trt", "_sampler")  # other servings of the same model, see export/repository.py
 
 
 @dataclasses.dataclass

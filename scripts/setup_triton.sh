@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv-triton: a local Triton Inference Server (the real `tritonserver` binary shipped in the
-# nvidia-pytriton wheel) with the python backend and ONNX Runtime, for development and the integration tests.
+# nvidia-pytriton wheel) with the python backend, ONNX Runtime, torch and diffusers, for development and the
+# integration tests.
 # Its own environment because nvidia-pytriton pins numpy < 2 and the application needs numpy >= 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,11 @@ if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv $VENV
 fi
 $VENV/bin/pip install --quiet nvidia-pytriton==0.7.0 onnxruntime==1.31.1 numpy==1.26.4
+# The server-side sampling loop (<name>_sampler) runs meddpm.sampling: torch first, pinned to the local CPU build
+# (any other pin pulls the CUDA build), then diffusers at the app's version; the meddpm package itself travels
+# in the model repository (python -m export copies it).
+$VENV/bin/pip install --quiet torch==2.13.0
+$VENV/bin/pip install --quiet diffusers==0.42.1 numpy==1.26.4
 # The python backend runs models through a stub built for the running Python; the wheel ships one per version.
 SERVER=$($VENV/bin/python -c "import pathlib, pytriton; print(pathlib.Path(pytriton.__file__).parent / 'tritonserver')")
 PYVER=$($VENV/bin/python -c "import sys; print(f'{sys.version_info.major}.{sys.version_info.minor}')")

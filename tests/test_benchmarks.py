@@ -27,10 +27,11 @@ def test_sampling_loop_benchmark_runs_every_loop(tmp_path):
     out = run_module("benchmarks.sampling_loop", "--grids", 16, "--steps", 2, "--repeats", 1, "--json",
                      tmp_path / "loop.json")
     figures = json.loads((tmp_path / "loop.json").read_text())["results"][0]["backends"]
-    assert set(figures) == {"reference", "onnxruntime", "triton-network", "triton-shm"}
-    for name in ("triton-network", "triton-shm"):  # one loop, one image, whatever runs the UNet
+    assert set(figures) == {"reference", "onnxruntime", "triton-network", "triton-shm", "triton-server-loop"}
+    for name in ("triton-network", "triton-shm", "triton-server-loop"):  # one loop, one image, wherever it runs
         assert figures[name]["max_abs_diff_vs_onnxruntime"] < 1e-5, name
     assert figures["triton-shm"]["bytes_per_step"] < figures["triton-network"]["bytes_per_step"]
+    assert figures["triton-server-loop"]["bytes_per_volume"] < figures["triton-network"]["bytes_per_volume"]
     assert "| 16³ | triton-shm |" in out
 
 

@@ -103,6 +103,10 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
         assert [o.name for o in config.output] == [o.name for o in graph.output]
     assert repository.parse_config(repo / "meddpm_tiny_cpu" / "config.pbtxt").backend == "python"
     assert (repo / "meddpm_tiny_cpu" / "1" / "model.py").is_file()
+    sampler = repository.parse_config(repo / "meddpm_tiny_sampler" / "config.pbtxt")
+    assert sampler.model_transaction_policy.decoupled and sampler.parameters["unet_models"].string_value == \
+        "meddpm_tiny,meddpm_tiny_cpu"
+    assert (repo / "meddpm_tiny_sampler" / "1" / "meddpm" / "sampling.py").is_file()  # the app's own loop
 
     manifest = json.loads((repo / "meddpm_tiny" / "1" / "manifest.json").read_text())
     assert manifest["checkpoint"]["file"] == "tiny.pt" and len(manifest["checkpoint"]["sha256"]) == 64
@@ -133,12 +137,15 @@ def test_tensorrt_plan_without_tensorrt_says_how(presets, test_presets_file, tmp
     assert code == 2 and "no tensorrt" in err and "trtexec --onnx=" in err and "InstanceNormalization*:fp32" in err
 
 
-@pytest.mark.parametrize("entry", ["meddpm_demo", "meddpm_demo_cpu"])
+@pytest.mark.parametrize("entry", ["meddpm_demo", "meddpm_demo_cpu", "meddpm_demo_sampler"])
 def test_committed_configs_are_what_export_writes(entry):
     from meddpm.presets import get_preset
 
-    kind = "cpu" if entry.endswith("_cpu") else "onnx"
-    expected = repository.config_text(repository.model_config(entry, get_preset("demo"), kind, max_batch_size=4))
+    if entry.endswith("_sampler"):
+        config = repository.sampler_config(entry, get_preset("demo"), ["meddpm_demo", "meddpm_demo_cpu"], 4)
+    else:
+        config = repository.model_config(entry, get_preset("demo"), "cpu" if entry.endswith("_cpu") else "onnx", 4)
+    expected = repository.config_text(config)
     assert (REPO / "model_repository" / entry / "config.pbtxt").read_text() == expected
     assert (REPO / "model_repository" / entry / "1" / ".gitkeep").exists()
 
