@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -89,23 +90,24 @@ class TimedDenoiser(Denoiser):
             yield timed
 
 
-def our_loop(denoiser: Denoiser, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
-    timed = TimedDenoiser(denoiser)
+def timed_volume(loop, model: ServedModel, condition: np.ndarray, steps: int, seed: int,
+                 unet_calls: list[float]) -> Run:
+    """One DDIM volume through `loop` (`sample`'s signature less the denoiser), each step timed by its progress."""
     marks = []
     started = time.perf_counter()
-    image = sample(timed, condition, model.preset.out_channels, "ddim", steps, model.preset.schedule, [seed],
-                   progress=lambda done, total, elapsed: marks.append(time.perf_counter()))
-    volume = time.perf_counter() - started
-    return Run(image, np.diff([started, *marks]).tolist(), timed.calls, volume)
+    image = loop(condition, model.preset.out_channels, "ddim", steps, model.preset.schedule, [seed],
+                 progress=lambda done, total, elapsed: marks.append(time.perf_counter()))
+    return Run(image, np.diff([started, *marks]).tolist(), unet_calls, time.perf_counter() - started)
+
+
+def our_loop(denoiser: Denoiser, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
+    timed = TimedDenoiser(denoiser)
+    return timed_volume(functools.partial(sample, timed), model, condition, steps, seed, timed.calls)
 
 
 def server_loop(loop: TritonServerLoop, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
     """Steps timed by their streamed progress; the UNet's share is not seen from the client."""
-    marks = []
-    started = time.perf_counter()
-    image = loop.sample(condition, model.preset.out_channels, "ddim", steps, model.preset.schedule, [seed],
-                        progress=lambda done, total, elapsed: marks.append(time.perf_counter()))
-    return Run(image, np.diff([started, *marks]).tolist(), [], time.perf_counter() - started)
+    return timed_volume(loop.sample, model, condition, steps, seed, [])
 
 
 def reference_loop(unet: torch.nn.Module, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:

@@ -25,11 +25,10 @@ import urllib.request
 from pathlib import Path
 
 from meddpm.errors import ConfigurationError, ServerError
-from meddpm.served_model import MANIFEST
+from meddpm.served_model import CPU_SUFFIX, MANIFEST, SAMPLER_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-triton"
-CPU_SUFFIX, SAMPLER_SUFFIX = "_cpu", "_sampler"
 
 
 def free_port() -> int:
@@ -38,14 +37,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def cpu_models(repository: Path) -> list[str]:
+def servable_entries(repository: Path) -> list[str]:
     """The exported CPU and sampler entries of a repository (those written by `python -m export`)."""
     return sorted(p.name for suffix in (CPU_SUFFIX, SAMPLER_SUFFIX) for p in repository.glob(f"*{suffix}")
                   if (p / "1" / MANIFEST).is_file())
 
 
 class LocalTriton:
-    """One tritonserver process with explicit model control, loading the repository's CPU entries."""
+    """One tritonserver process with explicit model control, loading the repository's CPU and sampler entries."""
 
     def __init__(self, repository: Path, venv: Path = DEFAULT_VENV, grpc_port: int | None = None,
                  http_port: int | None = None, log_path: Path | None = None, address: str = "127.0.0.1",
@@ -57,7 +56,7 @@ class LocalTriton:
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.log_path = log_path or self.repository.parent / f"tritonserver-{self.grpc_port}.log"
-        self.models = cpu_models(self.repository)
+        self.models = servable_entries(self.repository)
         self.address, self.prefix = address, list(prefix)
         self.process: subprocess.Popen | None = None
         if not self.models:

@@ -13,7 +13,7 @@ from export import onnx_graph, repository, tensorrt_plan
 from meddpm.checkpoint import load_checkpoint, sha256_of
 from meddpm.errors import MedDDPMError
 from meddpm.presets import get_preset
-from meddpm.served_model import MANIFEST_FORMAT
+from meddpm.served_model import CPU_SUFFIX, MANIFEST_FORMAT, SAMPLER_SUFFIX, TRT_SUFFIX
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, ConditionalDenoiser
 
 log = logging.getLogger("export")
@@ -65,18 +65,18 @@ def run(args: argparse.Namespace) -> dict:
         entries = {
             name: (repository.model_config(name, preset, "onnx", args.max_batch_size, args.tensorrt_accelerator),
                    {"model.onnx": onnx_path}),
-            name + repository.CPU_SUFFIX: (repository.model_config(name + repository.CPU_SUFFIX, preset, "cpu", args.max_batch_size),
+            name + CPU_SUFFIX: (repository.model_config(name + CPU_SUFFIX, preset, "cpu", args.max_batch_size),
                                            {"model.onnx": onnx_path, "model.py": repository.PYTHON_MODEL_SOURCE}),
         }
         if args.tensorrt_plan:
             plan_path = Path(work) / "model.plan"
             tensorrt_plan.build_plan(onnx_path, plan_path, preset, args.max_batch_size)
-            entries[name + repository.TRT_SUFFIX] = (
-                repository.model_config(name + repository.TRT_SUFFIX, preset, "plan", args.max_batch_size),
+            entries[name + TRT_SUFFIX] = (
+                repository.model_config(name + TRT_SUFFIX, preset, "plan", args.max_batch_size),
                 {"model.plan": plan_path},
             )
-        entries[name + repository.SAMPLER_SUFFIX] = (  # the loop on the server, calling any of the UNet entries
-            repository.sampler_config(name + repository.SAMPLER_SUFFIX, preset, list(entries), args.max_batch_size),
+        entries[name + SAMPLER_SUFFIX] = (  # the loop on the server, calling any of the UNet entries
+            repository.sampler_config(name + SAMPLER_SUFFIX, preset, list(entries), args.max_batch_size),
             {"model.py": repository.SAMPLER_MODEL_SOURCE, "meddpm": repository.MEDDPM_PACKAGE},
         )
         for entry_name, (config, files) in entries.items():

@@ -24,10 +24,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from meddpm.atomic import staged_folder, write_text
 from meddpm.presets import Preset
-from meddpm.served_model import MANIFEST, VARIANT_SUFFIXES
+from meddpm.served_model import MANIFEST
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
 
-CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX = VARIANT_SUFFIXES
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 SAMPLER_MODEL_SOURCE = Path(__file__).with_name("triton_sampler_model.py")
 MEDDPM_PACKAGE = Path(__file__).resolve().parents[1] / "meddpm"

@@ -14,7 +14,10 @@ from meddpm.unet import INPUT_NAMES
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-VARIANT_SUFFIXES = ("_cpu", "_trt", "_sampler")  # other servings of the same model, see export/repository.py
+# Other entries exported for the same model (see export/repository.py): the graph on the python backend, a
+# TensorRT plan, the server-side sampling loop.
+CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX = "_cpu", "_trt", "_sampler"
+VARIANT_SUFFIXES = (CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX)
 
 
 @dataclasses.dataclass

@@ -21,11 +21,10 @@ from tritonclient.utils import InferenceServerException
 from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError, ModelError, ServerError
 from meddpm.presets import ScheduleConfig
 from meddpm.sampling import Progress, check_steps
-from meddpm.served_model import VARIANT_SUFFIXES
+from meddpm.served_model import SAMPLER_SUFFIX
 from meddpm.triton_denoiser import PROBE_TIMEOUT_S, TritonDenoiser
 
 log = logging.getLogger(__name__)
-SAMPLER_SUFFIX = VARIANT_SUFFIXES[2]
 LOOP_MODES = ("client", "server")
 # Errors the sampler model reports start with their class name: they keep their type (and exit code) here.
 REPORTED_ERRORS = {cls.__name__: cls for cls in (ConfigurationError, ModelError, ServerError, Interrupted)}
