@@ -1,11 +1,17 @@
-"""Mask fidelity and diversity of a phantom-trained model, per scheduler and step count.
+"""Mask fidelity and diversity of a phantom-trained model per scheduler and step count: the fast-sampling curve.
 
     python -m benchmarks.quality --repository model_repository --masks 8 --json output/quality.json
 
-Unseen phantom masks are synthesised with each scheduler; each synthetic image is segmented back by the
-phantoms' tissue intensity bands and compared with its mask (Dice per label, as Med-DDPM's paper does with a
-segmentation network). The same segmentation of the phantoms' own ground-truth images gives the ceiling.
-Diversity is the mean absolute difference between two samples of one mask, inside the head.
+Unseen phantom masks are synthesised by DDPM-250 (Med-DDPM's sampler, the reference) and by each fast scheduler
+at each step count of `--steps`; each synthetic image is segmented back by the phantoms' tissue intensity bands and
+compared with its mask (Dice per label, as Med-DDPM's paper does with a segmentation network). The same
+segmentation of the phantoms' own ground-truth images gives the ceiling. Diversity is the mean absolute
+difference between two samples of one mask, inside the head.
+
+Every run uses the same masks and seeds, so each sample has a DDPM-250 twin from the same initial noise: the
+difference to DDPM-250 is reported per label as the mean paired difference with its standard error. A
+scheduler's suggested default is its fewest steps whose mean Dice is within `--tolerance` of DDPM-250 on every
+label.
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ import numpy as np
 from meddpm.denoisers import OnnxRuntimeDenoiser
 from meddpm.geometry import ModelGrid, condition_channels
 from meddpm.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
-from meddpm.sampling import default_steps, sample
+from meddpm.presets import SCHEDULERS
+from meddpm.sampling import sample
 from meddpm.served_model import find_model
 
-DEFAULT_RUNS = ("ddpm:250", "ddim", "dpmpp2m", "deis")
+REFERENCE = ("ddpm", 250)
+FAST_SCHEDULERS = tuple(name for name in SCHEDULERS if name != "ddpm")
+LABELS = {"brain": BRAIN, "tumour": TUMOUR}
 
 
-def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, runs: list[str]) -> dict:
+def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, runs: list[tuple[str, int]]) -> dict:
     model = find_model(repository, model_name)
     preset = model.preset
     denoiser = OnnxRuntimeDenoiser(model.onnx_path)
@@ -34,17 +43,11 @@ def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, ru
     affine = np.diag([*preset.image.voxel_size_mm, 1.0])
     phantoms = [make_phantom(rng, preset.image.mask_shape, preset.image.voxel_size_mm[0]) for _ in range(masks)]
     grid = ModelGrid(preset.image.mask_shape, affine, preset)
-
-    def scores(images_and_masks):
-        brain = [dice(segment(image), mask, BRAIN) for image, mask in images_and_masks]
-        tumour = [dice(segment(image), mask, TUMOUR) for image, mask in images_and_masks if (mask == TUMOUR).any()]
-        return {"dice_brain": _stats(brain), "dice_tumour": _stats(tumour)}
-
-    results = {"model": model.name, "masks": masks, "seed": seed,
-               "ground_truth_ceiling": scores([(image, mask) for mask, image in phantoms]), "runs": []}
-    for run in runs:
-        name, _, steps_text = run.partition(":")
-        steps = int(steps_text) if steps_text else default_steps(name, preset.schedule)
+    ceiling = per_sample_dice([(image, mask) for mask, image in phantoms])
+    results = {"model": model.name, "masks": masks, "samples_per_mask": 2, "seed": seed,
+               "ground_truth_ceiling": {label: _stats(values) for label, values in ceiling.items()}, "runs": []}
+    reference = None
+    for name, steps in runs:
         started = time.monotonic()
         pairs, diversity = [], []
         for index, (mask, _) in enumerate(phantoms):
@@ -53,25 +56,68 @@ def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, ru
                             seeds=[seed * 1000 + 2 * index, seed * 1000 + 2 * index + 1])
             on_mask_grid = [grid.image_from_network(image)[0] for image in images]
             pairs += [(image, mask) for image in on_mask_grid]
-            head = mask > 0
-            diversity.append(float(np.abs(on_mask_grid[0] - on_mask_grid[1])[head].mean()))
-        entry = {"scheduler": name, "steps": steps, **scores(pairs), "diversity": _stats(diversity),
-                 "seconds": round(time.monotonic() - started, 1)}
+            diversity.append(float(np.abs(on_mask_grid[0] - on_mask_grid[1])[mask > 0].mean()))
+        scores = per_sample_dice(pairs)
+        reference = scores if (name, steps) == REFERENCE else reference
+        entry = {"scheduler": name, "steps": steps, "seconds": round(time.monotonic() - started, 1),
+                 **{f"dice_{label}": _stats(values) for label, values in scores.items()},
+                 "diversity": _stats(diversity)}
+        if reference is not None:
+            entry["vs_ddpm250"] = {label: _paired(scores[label], reference[label]) for label in LABELS}
         results["runs"].append(entry)
         print(_row(entry), flush=True)
     return results
 
 
+def per_sample_dice(images_and_masks: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, list[float]]:
+    """Dice per label and sample; NaN where the mask lacks the label (tumour-free heads)."""
+    return {name: [dice(segment(image), mask, label) if (mask == label).any() else float("nan")
+                   for image, mask in images_and_masks]
+            for name, label in LABELS.items()}
+
+
+def suggested_defaults(results: dict, tolerance: float) -> dict[str, int]:
+    """Per fast scheduler, its fewest steps whose mean Dice is within `tolerance` of DDPM-250 on every label."""
+    picks = {}
+    for entry in sorted(results["runs"], key=lambda e: e["steps"]):
+        close = "vs_ddpm250" in entry and all(d.get("mean", 0.0) >= -tolerance for d in entry["vs_ddpm250"].values())
+        if entry["scheduler"] != REFERENCE[0] and close:
+            picks.setdefault(entry["scheduler"], entry["steps"])
+    return picks
+
+
 def _stats(values: list[float]) -> dict:
-    return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4), "n": len(values)} if values else {}
+    values = [v for v in values if not np.isnan(v)]
+    if not values:
+        return {"n": 0}
+    return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4), "n": len(values)}
+
+
+def _paired(values: list[float], reference: list[float]) -> dict:
+    """Mean paired difference to the reference and its standard error (samples from the same initial noise)."""
+    differences = np.array(values) - np.array(reference)
+    differences = differences[~np.isnan(differences)]
+    if len(differences) < 2:
+        return {"n": len(differences)}
+    return {"mean": round(float(differences.mean()), 4),
+            "sem": round(float(differences.std(ddof=1) / np.sqrt(len(differences))), 4), "n": len(differences)}
+
+
+HEADER = ("| scheduler | steps (UNet calls) | Dice brain | Dice tumour | Δ brain vs DDPM-250 | Δ tumour vs DDPM-250 | "
+          "diversity | seconds |\n|---|---|---|---|---|---|---|---|")
 
 
 def _row(entry: dict) -> str:
-    def fmt(s):
-        return f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "-"
+    def spread(s):
+        return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] else "-"
 
-    return (f"| {entry['scheduler']} | {entry['steps']} | {fmt(entry['dice_brain'])} | {fmt(entry['dice_tumour'])} | "
-            f"{fmt(entry['diversity'])} | {entry['seconds']} |")
+    def paired(label):
+        d = entry.get("vs_ddpm250", {}).get(label, {})
+        return f"{d['mean']:+.3f} ± {d['sem']:.3f}" if d.get("n", 0) >= 2 and entry["scheduler"] != REFERENCE[0] else "-"
+
+    return (f"| {entry['scheduler']} | {entry['steps']} | {spread(entry['dice_brain'])} | "
+            f"{spread(entry['dice_tumour'])} | {paired('brain')} | {paired('tumour')} | "
+            f"{spread(entry['diversity'])} | {entry['seconds']} |")
 
 
 def main() -> None:
@@ -80,14 +126,20 @@ def main() -> None:
     parser.add_argument("--model-name")
     parser.add_argument("--masks", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="SCHEDULER[:STEPS] ...")
+    parser.add_argument("--schedulers", nargs="+", choices=FAST_SCHEDULERS, default=list(FAST_SCHEDULERS))
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 15, 20, 25, 50], help="fast step counts")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="Dice a fast default may lose to DDPM-250")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    print("| scheduler | steps (UNet calls) | Dice brain | Dice tumour | diversity | seconds |")
-    print("|---|---|---|---|---|---|")
-    results = evaluate(args.repository, args.model_name, args.masks, args.seed, args.runs)
+    runs = [REFERENCE, *((name, steps) for name in args.schedulers for steps in args.steps)]
+    print(HEADER)
+    results = evaluate(args.repository, args.model_name, args.masks, args.seed, runs)
     ceiling = results["ground_truth_ceiling"]
-    print(f"| ground-truth phantom images | - | {ceiling['dice_brain']['mean']:.3f} | {ceiling['dice_tumour']['mean']:.3f} | - | - |")
+    print(f"| ground-truth phantom images | - | {ceiling['brain']['mean']:.3f} | {ceiling['tumour']['mean']:.3f} | "
+          "- | - | - | - |")
+    results["suggested_defaults"] = suggested_defaults(results, args.tolerance)
+    print(f"Δ: mean paired difference ± standard error. Fewest steps within {args.tolerance} of DDPM-250 on every "
+          "label: " + (", ".join(f"{k} {v}" for k, v in results["suggested_defaults"].items()) or "none"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -6,7 +6,10 @@
 Backends (all on the demo model, exported at each grid: its weights are convolutions, any grid divisible by 4):
 - reference: Med-DDPM's own loop: the PyTorch UNet in eager mode, the condition concatenated every step, its
   DDPM posterior step (x0 clipped) with the schedule buffers it stores;
-- onnxruntime: our loop (meddpm.sampling, diffusers scheduler) with ONNX Runtime in process, the app's default;
+- onnxruntime-stock: our loop with an untuned ONNX Runtime session (default options, `session.run` with every
+  input every step): the "before" of the tuning that benchmarks/onnxruntime_options.py measures;
+- onnxruntime: our loop (meddpm.sampling, diffusers scheduler) with ONNX Runtime in process as the app runs it
+  (condition bound once, noise written into the loop's own array);
 - triton-network, triton-shm: our loop against the local Triton server (deploy/local_triton.py) over gRPC,
   tensors in the messages or in system shared memory;
 - triton-server-loop: the same loop inside that server (<name>_sampler, UNet through BLS): one request per
@@ -37,23 +40,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.demo_grid import DEMO_CHECKPOINT, demo_at_grid
 from benchmarks.limited_link import Link, limited_link
+from benchmarks.onnxruntime_options import StockOnnxRuntimeDenoiser
 from deploy.local_triton import LocalTriton
-from export.cli import main as export_main
 from meddpm.checkpoint import load_checkpoint
 from meddpm.denoisers import Denoiser, NoisePredictor, OnnxRuntimeDenoiser
 from meddpm.geometry import condition_channels
 from meddpm.phantoms import make_phantom
-from meddpm.presets import get_preset
 from meddpm.sampling import sample
 from meddpm.schedule import betas, meddpm_buffers
-from meddpm.served_model import ServedModel, find_model
+from meddpm.served_model import ServedModel
 from meddpm.triton_denoiser import TritonDenoiser
 from meddpm.triton_sampler import TritonServerLoop
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"
-BACKENDS = ("reference", "onnxruntime", "triton-network", "triton-shm", "triton-server-loop")
+BACKENDS = ("reference", "onnxruntime-stock", "onnxruntime", "triton-network", "triton-shm", "triton-server-loop")
 
 
 @dataclasses.dataclass
@@ -160,24 +161,6 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def demo_at_grid(side: int, folder: Path) -> ServedModel:
-    """The demo checkpoint exported for a side^3 grid (voxels scaled to cover the same head)."""
-    demo = get_preset("demo")
-    voxel = demo.image.voxel_size_mm[0] * demo.image.grid[0] / side
-    lines = [f"[presets.demo-{side}]", 'description = "demo model on another grid (benchmark)"']
-    for section, table in demo.to_dict().items():
-        if isinstance(table, dict):
-            lines.append(f"[presets.demo-{side}.{section}]")
-            overrides = {"grid": [side] * 3, "voxel_size_mm": [voxel] * 3}
-            lines += [f"{key} = {json.dumps(overrides.get(key, value))}" for key, value in table.items()]
-    presets_file = folder / f"demo-{side}.toml"
-    presets_file.write_text("\n".join(lines) + "\n")
-    repository = folder / f"repository-{side}"
-    assert export_main(["--checkpoint", str(DEMO_CHECKPOINT), "--preset", f"demo-{side}", "--presets",
-                        str(presets_file), "--repository", str(repository), "--name", "meddpm_bench"]) == 0
-    return find_model(repository, "meddpm_bench")
-
-
 PROGRESS_BYTES = 8  # the progress tensor of the server-side loop: two int32
 
 
@@ -206,9 +189,10 @@ def measure_grid(side: int, steps: int, repeats: int, backends: list[str], folde
         if "reference" in backends:
             unet = load_checkpoint(DEMO_CHECKPOINT, model.preset).unet.eval()
             runners["reference"] = lambda seed: reference_loop(unet, model, condition, steps, seed)
-        if "onnxruntime" in backends:
-            ort = OnnxRuntimeDenoiser(model.onnx_path)
-            runners["onnxruntime"] = lambda seed: our_loop(ort, model, condition, steps, seed)
+        for name, make in (("onnxruntime-stock", StockOnnxRuntimeDenoiser), ("onnxruntime", OnnxRuntimeDenoiser)):
+            if name in backends:
+                denoiser = make(model.onnx_path)
+                runners[name] = lambda seed, d=denoiser: our_loop(d, model, condition, steps, seed)
         if any(b.startswith("triton") for b in backends):
             where = {"address": link.server_address, "prefix": link.prefix} if link else {}
             server = stack.enter_context(LocalTriton(model.folder.parent, log_path=folder / f"triton-{side}.log",

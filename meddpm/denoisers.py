@@ -1,9 +1,10 @@
-"""One denoiser interface, whatever runs the UNet: ONNX Runtime in process, PyTorch, or (later) Triton.
+"""One denoiser interface, whatever runs the UNet: ONNX Runtime in process, PyTorch, or Triton (triton_denoiser).
 
 A denoiser predicts the noise in a batch of noisy images. The condition is fixed for a whole sampling run,
 so the loop binds it once (`with denoiser.conditioned(condition) as predict_noise:`) and then calls
 `predict_noise(noisy_image, timestep)` every step; a remote backend can keep the condition resident.
-Arrays are float32 numpy: noisy_image (B, C, D, H, W), timestep (B,), condition (B, L, D, H, W).
+Arrays are float32 numpy: noisy_image (B, C, D, H, W), timestep (B,), condition (B, L, D, H, W); the predicted
+noise is a new array the caller owns (the loop works on it in place).
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ class Denoiser(abc.ABC):
 
 
 class OnnxRuntimeDenoiser(Denoiser):
-    """The exported graph in process; CUDA is asked for only when a CUDA device is present."""
+    """The exported graph in process; CUDA is asked for only when a CUDA device is present.
+
+    Within `conditioned`, the condition is bound once (on the GPU it stays resident there) and each step's noise
+    is written by ONNX Runtime straight into a fresh array the caller owns (on the CPU; from the GPU, one copy).
+    """
 
     name = "onnxruntime"
 
@@ -59,11 +64,33 @@ class OnnxRuntimeDenoiser(Denoiser):
             raise ModelError(
                 f"{onnx_path}: ONNX Runtime cannot load the model ({error}); re-run `python -m export`"
             ) from None
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._ortvalue = ort.OrtValue
         log.info("ONNX Runtime session on %s", ", ".join(self.session.get_providers()))
 
     def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
-        feed = dict(zip(INPUT_NAMES, (noisy_image, condition, timestep)))
-        return self.session.run([OUTPUT_NAME], feed)[0]
+        with self.conditioned(condition) as predict_noise:
+            return predict_noise(noisy_image, timestep)
+
+    @contextlib.contextmanager
+    def conditioned(self, condition: np.ndarray) -> Iterator[NoisePredictor]:
+        binding = self.session.io_binding()
+        resident = self._ortvalue.ortvalue_from_numpy(np.ascontiguousarray(condition, dtype=np.float32), self.device)
+        binding.bind_ortvalue_input(INPUT_NAMES[1], resident)
+
+        def predict_noise(noisy_image: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+            binding.bind_cpu_input(INPUT_NAMES[0], np.ascontiguousarray(noisy_image, dtype=np.float32))
+            binding.bind_cpu_input(INPUT_NAMES[2], np.ascontiguousarray(timestep, dtype=np.float32))
+            if self.device == "cuda":
+                binding.bind_output(OUTPUT_NAME, "cuda")
+                self.session.run_with_iobinding(binding)
+                return binding.copy_outputs_to_cpu()[0]
+            noise = np.empty(noisy_image.shape, dtype=np.float32)
+            binding.bind_output(OUTPUT_NAME, "cpu", 0, np.float32, noise.shape, noise.ctypes.data)
+            self.session.run_with_iobinding(binding)
+            return noise
+
+        yield predict_noise
 
 
 def cuda_present() -> bool:

@@ -13,7 +13,7 @@ from meddpm.errors import ConfigurationError
 BUILTIN_PRESETS = Path(__file__).with_name("presets.toml")
 CONDITION_SCALES = ("symmetric", "binary")
 AXIS_ORDERS = ("reversed", "as-is")
-SCHEDULERS = ("ddpm", "ddim", "dpmpp2m", "deis")
+SCHEDULERS = ("ddpm", "ddim", "dpmpp2m", "deis", "dpmpp2m-sde")
 
 
 @dataclasses.dataclass(frozen=True)

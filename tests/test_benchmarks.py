@@ -41,3 +41,24 @@ def test_gpu_benchmark_runs_its_cpu_variants(tmp_path):
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "channels-last"]
     assert rows[1]["max_rel_error_vs_fp32"] < 1e-5
+
+
+def test_onnxruntime_options_benchmark_compares_every_variant_with_stock(tmp_path):
+    out = run_module("benchmarks.onnxruntime_options", "--grids", 16, "--calls", 1, "--rounds", 1, "--json",
+                     tmp_path / "ort.json")
+    variants = json.loads((tmp_path / "ort.json").read_text())["results"][0]["variants"]
+    assert list(variants) == ["stock", "threads-1", "threads-2", "no-spinning", "extended", "io-binding"]
+    assert variants["stock"]["ratio_vs_stock"] == 1.0
+    assert variants["io-binding"]["max_abs_diff_vs_first"] < 1e-5  # same graph, same noise
+    assert "| 16³ | io-binding |" in out
+
+
+def test_quality_benchmark_scores_fast_schedulers_against_ddpm250(demo_repository, tmp_path):
+    out = run_module("benchmarks.quality", "--repository", demo_repository, "--masks", 1, "--schedulers",
+                     "dpmpp2m-sde", "--steps", 3, "--json", tmp_path / "quality.json")
+    results = json.loads((tmp_path / "quality.json").read_text())
+    assert [(r["scheduler"], r["steps"]) for r in results["runs"]] == [("ddpm", 250), ("dpmpp2m-sde", 3)]
+    fast = results["runs"][1]
+    assert fast["vs_ddpm250"]["brain"]["n"] == 2 and 0.0 <= fast["dice_brain"]["mean"] <= 1.0
+    assert results["ground_truth_ceiling"]["brain"]["mean"] > 0.9  # the segmentation reads phantoms back
+    assert "Fewest steps within 0.02 of DDPM-250" in out
