@@ -131,7 +131,7 @@ def _count(text: str) -> int:
 SETTINGS = (
     Setting("model_name", "MEDDPM_MODEL", str, None, "model in the repository (default: the only one there)"),
     Setting("preset", "MEDDPM_PRESET", str, None, "refuse a model exported for any other preset"),
-    Setting("scheduler", "MEDDPM_SCHEDULER", _scheduler, None, f"one of {', '.join(SCHEDULERS)} (default: the preset's)"),
+    Setting("scheduler", "MEDDPM_SCHEDULER", _scheduler, None, f"one of {', '.join(SCHEDULERS)} (default: the preset's; the fast path: dpmpp2m-sde)"),
     Setting("steps", "MEDDPM_STEPS", _positive, None, "denoising steps, i.e. UNet calls (default: the preset's for its "
             "own scheduler, else " + ", ".join(f"{k} {v}" for k, v in FAST_DEFAULT_STEPS.items()) + ")"),
     Setting("seed", "MEDDPM_SEED", int, None, "seed of sample 0; sample i uses seed + i (default: random, recorded)"),

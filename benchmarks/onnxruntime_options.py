@@ -3,7 +3,9 @@
     python -m benchmarks.onnxruntime_options [--grids 32 64] [--calls 10] [--rounds 3] [--json FILE]
 
 The demo model is exported at each grid (as benchmarks.sampling_loop does) and called with one noisy image,
-condition and timestep per variant; variants take turns call by call, so machine noise falls on all alike.
+condition and timestep per variant. Variants take turns in blocks of `--calls` calls, in an order that rotates
+every round, so that machine noise falls on all alike; the first call of a block is not timed, since the
+previous variant's worker threads may still be spinning on the same cores.
 Variants:
 - stock: `InferenceSession(path)` and `session.run`, no options (what the app did before this tuning);
 - threads-N: intra-op threads pinned to N (stock uses one per physical core);
@@ -84,11 +86,13 @@ def measure_grid(side: int, calls: int, rounds: int, variants: list[str], folder
     with contextlib.ExitStack() as stack:
         runners = {name: variant_call(name, model.onnx_path, condition, stack) for name in variants}
         outputs = {name: run(noisy, timestep) for name, run in runners.items()}  # warm-up; results compared
-        for _ in range(rounds):
-            for _ in range(calls):
-                for name, run in runners.items():
+        for round_ in range(rounds):
+            order = variants[round_ % len(variants):] + variants[:round_ % len(variants)]
+            for name in order:
+                runners[name](noisy, timestep)  # not timed: the previous session's threads may still spin
+                for _ in range(calls):
                     started = time.perf_counter()
-                    run(noisy, timestep)
+                    runners[name](noisy, timestep)
                     times[name].append(time.perf_counter() - started)
     stock = statistics.median(times["stock"]) if "stock" in times else None
     rows = {}

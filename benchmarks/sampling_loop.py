@@ -169,7 +169,7 @@ def bytes_per_step(model: ServedModel) -> dict[str, int]:
     voxels = int(np.prod(model.preset.image.grid))
     image = model.preset.out_channels * voxels * 4
     condition = len(model.preset.condition.labels) * voxels * 4
-    return {"reference": 0, "onnxruntime": 0, "triton-network": 2 * image + condition + 4,
+    return {"reference": 0, "onnxruntime-stock": 0, "onnxruntime": 0, "triton-network": 2 * image + condition + 4,
             "triton-shm": 2 * image + 4, "triton-shm once per volume": condition,
             "triton-server-loop": PROGRESS_BYTES, "triton-server-loop once per volume": condition + image}
 

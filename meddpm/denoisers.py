@@ -65,7 +65,6 @@ class OnnxRuntimeDenoiser(Denoiser):
                 f"{onnx_path}: ONNX Runtime cannot load the model ({error}); re-run `python -m export`"
             ) from None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self._ortvalue = ort.OrtValue
         log.info("ONNX Runtime session on %s", ", ".join(self.session.get_providers()))
 
     def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
@@ -74,8 +73,10 @@ class OnnxRuntimeDenoiser(Denoiser):
 
     @contextlib.contextmanager
     def conditioned(self, condition: np.ndarray) -> Iterator[NoisePredictor]:
+        from onnxruntime import OrtValue
+
         binding = self.session.io_binding()
-        resident = self._ortvalue.ortvalue_from_numpy(np.ascontiguousarray(condition, dtype=np.float32), self.device)
+        resident = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(condition, dtype=np.float32), self.device)
         binding.bind_ortvalue_input(INPUT_NAMES[1], resident)
 
         def predict_noise(noisy_image: np.ndarray, timestep: np.ndarray) -> np.ndarray:

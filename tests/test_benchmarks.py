@@ -27,7 +27,9 @@ def test_sampling_loop_benchmark_runs_every_loop(tmp_path):
     out = run_module("benchmarks.sampling_loop", "--grids", 16, "--steps", 2, "--repeats", 1, "--json",
                      tmp_path / "loop.json")
     figures = json.loads((tmp_path / "loop.json").read_text())["results"][0]["backends"]
-    assert set(figures) == {"reference", "onnxruntime", "triton-network", "triton-shm", "triton-server-loop"}
+    assert set(figures) == {"reference", "onnxruntime-stock", "onnxruntime", "triton-network", "triton-shm",
+                            "triton-server-loop"}
+    assert figures["onnxruntime-stock"]["max_abs_diff_vs_onnxruntime"] == 0.0  # tuning changed no number
     for name in ("triton-network", "triton-shm", "triton-server-loop"):  # one loop, one image, wherever it runs
         assert figures[name]["max_abs_diff_vs_onnxruntime"] < 1e-5, name
     assert figures["triton-shm"]["bytes_per_step"] < figures["triton-network"]["bytes_per_step"]
@@ -62,3 +64,10 @@ def test_quality_benchmark_scores_fast_schedulers_against_ddpm250(demo_repositor
     assert fast["vs_ddpm250"]["brain"]["n"] == 2 and 0.0 <= fast["dice_brain"]["mean"] <= 1.0
     assert results["ground_truth_ceiling"]["brain"]["mean"] > 0.9  # the segmentation reads phantoms back
     assert "Fewest steps within 0.02 of DDPM-250" in out
+
+
+def test_step_math_benchmark_times_every_scheduler(tmp_path):
+    run_module("benchmarks.step_math", "--grid", 16, "--steps", 3, "--json", tmp_path / "math.json")
+    rows = json.loads((tmp_path / "math.json").read_text())["rows"]
+    assert [r["scheduler"] for r in rows] == ["ddpm", "ddim", "dpmpp2m", "deis", "dpmpp2m-sde"]
+    assert all(r["step_ms"] > 0 for r in rows)
