@@ -62,7 +62,8 @@ def unet_inferences(server: LocalTriton) -> int:
     return stats.inference_count
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])  # ddpm draws noise every step from the samples' generators
+# ddpm and dpmpp2m-sde (the fast path) draw noise every step from the samples' generators
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmpp2m-sde"])
 def test_server_loop_equals_client_loop_and_streams_progress(triton, model, scheduler):
     condition, seeds = condition_of(model, 1), [7, 8, 9, 10, 11]  # 5 samples: the UNet takes 4 per BLS request
     steps_seen = []
