@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.gpu_unet import FLOOR_MS_128
 from meddpm.presets import SCHEDULERS, get_preset
-from meddpm.sampling import clip_x0_in_epsilon, initial_noise, make_scheduler, noise_arguments
+from meddpm.sampling import clip_x0_in_epsilon, initial_noise, make_scheduler, noise_arguments, step_alpha_bars
 
 
 def clip_with_temporaries(epsilon: torch.Tensor, sample: torch.Tensor, alpha_bar: float) -> torch.Tensor:
@@ -38,16 +38,16 @@ def measure(name: str, side: int, steps: int) -> dict:
     scheduler = make_scheduler(name, schedule)
     scheduler.set_timesteps(steps)
     x, generators = initial_noise((1, 1, side, side, side), [0])
-    alphas_cumprod = scheduler.alphas_cumprod.double().tolist()
+    alpha_bars = step_alpha_bars(scheduler)
     noise_source = torch.Generator().manual_seed(1)
     times = {"clip in place": [], "clip with temporaries": [], "scheduler step": []}
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         epsilon = torch.randn(x.shape, generator=noise_source)
         started = time.perf_counter()
-        clip_with_temporaries(epsilon, x, alphas_cumprod[int(t)])
+        clip_with_temporaries(epsilon, x, alpha_bars[i])
         times["clip with temporaries"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        epsilon = clip_x0_in_epsilon(epsilon, x, alphas_cumprod[int(t)])
+        epsilon = clip_x0_in_epsilon(epsilon, x, alpha_bars[i])
         times["clip in place"].append(time.perf_counter() - started)
         started = time.perf_counter()
         x = scheduler.step(epsilon, t, x, **noise_arguments(scheduler, generators)).prev_sample

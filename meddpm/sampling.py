@@ -11,7 +11,8 @@ Schedulers (all epsilon prediction, on the preset's training schedule):
   the image as speckle and intensity offsets, while this solver's small stochastic steps wash it out, as
   DDPM-250 does (`python -m benchmarks.quality` measures it).
 Every scheduler sees the predicted clean image x0 clipped to [-1, 1], as Med-DDPM clips it; the clipping is
-folded into epsilon (`clip_x0_in_epsilon`), so one mechanism serves every solver.
+folded into epsilon (`clip_x0_in_epsilon`) at the noise level the solver's update assumes (`step_alpha_bars`),
+so one mechanism serves every solver.
 """
 
 from __future__ import annotations
@@ -90,6 +91,16 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> tuple[torch.Tenso
     return randn_tensor(shape, generator=generators, dtype=torch.float32), generators
 
 
+def step_alpha_bars(scheduler: Any) -> list[float]:
+    """The alpha-bar each step's solver update assumes: its own noise level where it keeps one per step (Karras
+    levels fall between training timesteps, and the model is called at the nearest one), else the training
+    schedule's at the step's timestep. The x0 clipping must use the same, or the solver's x0 escapes [-1, 1]."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:
+        return (1.0 / (1.0 + sigmas[:-1].double() ** 2)).tolist()
+    return scheduler.alphas_cumprod.double()[scheduler.timesteps.long()].tolist()
+
+
 def noise_arguments(scheduler: Any, generators: list[torch.Generator]) -> dict:
     """What `scheduler.step` needs to draw its noise from the samples' own generators (nothing if it draws none)."""
     return {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -117,7 +128,7 @@ def sample(
     conditions = np.ascontiguousarray(np.broadcast_to(condition, (batch, *condition.shape)), dtype=np.float32)
     x, generators = initial_noise((batch, out_channels, *condition.shape[1:]), seeds)
     x = x * scheduler.init_noise_sigma
-    alphas_cumprod = scheduler.alphas_cumprod.double().tolist()
+    alpha_bars = step_alpha_bars(scheduler)
     stochastic = noise_arguments(scheduler, generators)
     started = time.monotonic()
     with denoiser.conditioned(conditions) as predict_noise:
@@ -126,7 +137,7 @@ def sample(
                 raise Interrupted(f"stopped at step {i + 1} of {len(scheduler.timesteps)}; nothing was written")
             timestep = np.full((batch,), float(t), dtype=np.float32)
             epsilon = torch.from_numpy(predict_noise(x.numpy(), timestep))
-            epsilon = clip_x0_in_epsilon(epsilon, x, alphas_cumprod[int(t)])
+            epsilon = clip_x0_in_epsilon(epsilon, x, alpha_bars[i])
             x = scheduler.step(epsilon, t, x, **stochastic).prev_sample
             if progress is not None:
                 progress(i + 1, len(scheduler.timesteps), time.monotonic() - started)

@@ -10,7 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser, TorchDenoiser
 from meddpm.errors import ConfigurationError
 from meddpm.presets import SCHEDULERS, get_preset
-from meddpm.sampling import clip_x0_in_epsilon, make_scheduler, sample
+from meddpm.sampling import clip_x0_in_epsilon, make_scheduler, sample, step_alpha_bars
 from meddpm.unet import ConditionalDenoiser, build_unet
 from tests.conftest import randomise
 from tests.test_checkpoints import cosine_betas
@@ -73,6 +73,19 @@ def test_x0_clipping_leaves_in_range_predictions_alone():
     x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
     assert x0.abs().max() < 1
     torch.testing.assert_close(clip_x0_in_epsilon(eps.clone(), x, a), eps, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp2m", "deis", "dpmpp2m-sde"])  # the solvers that keep noise levels
+def test_clipping_uses_the_noise_level_the_solver_steps_from(scheduler):
+    solver = make_scheduler(scheduler, SCHEDULE)
+    solver.set_timesteps(20)  # dpmpp2m-sde: Karras levels, several between timesteps 248 and 249
+    x = torch.randn(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(1)) * 3.0  # x0 far outside [-1, 1]
+    for sigma, alpha_bar in zip(solver.sigmas[:-1].double(), step_alpha_bars(solver)):
+        folded = clip_x0_in_epsilon(eps.clone().double(), x.double(), alpha_bar)
+        alpha_t = 1.0 / (sigma**2 + 1.0) ** 0.5  # the solver's own x0 = (x - sigma_t eps) / alpha_t
+        x0 = (x.double() - sigma * alpha_t * folded) / alpha_t
+        assert x0.abs().max() <= 1.0 + 1e-6, (float(sigma), float(x0.abs().max()))
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
