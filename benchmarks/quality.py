@@ -1,6 +1,6 @@
 """Mask fidelity and diversity of a phantom-trained model per scheduler and step count: the fast-sampling curve.
 
-    python -m benchmarks.quality --repository model_repository --masks 8 --json output/quality.json
+    python -m benchmarks.quality --repository model_repository --masks 16 --json output/quality.json
 
 Unseen phantom masks are synthesised by DDPM-250 (Med-DDPM's sampler, the reference) and by each fast scheduler
 at each step count of `--steps`; each synthetic image is segmented back by the phantoms' tissue intensity bands and
