@@ -80,6 +80,7 @@ def suggested_defaults(results: dict, tolerance: float) -> dict[str, int]:
     """Per fast scheduler, its fewest steps whose mean Dice is within `tolerance` of DDPM-250 on every label."""
     picks = {}
     for entry in sorted(results["runs"], key=lambda e: e["steps"]):
+        # A label with fewer than two paired samples (no tumour among the masks) has no mean and is not judged.
         close = "vs_ddpm250" in entry and all(d.get("mean", 0.0) >= -tolerance for d in entry["vs_ddpm250"].values())
         if entry["scheduler"] != REFERENCE[0] and close:
             picks.setdefault(entry["scheduler"], entry["steps"])

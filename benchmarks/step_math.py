@@ -1,6 +1,6 @@
 """The loop's own work per step, without the UNet: x0 clipping and the scheduler step, at full size.
 
-    python -m benchmarks.step_math [--grid 128] [--steps 20] [--json FILE]
+    python -m benchmarks.step_math [--grid 128] [--steps 20] [--schedulers ...] [--json FILE]
 
 On a GPU a whole-head UNet call takes ~28 ms at best (benchmarks/gpu_unet.py); the loop's host-side math
 (clip x0, then the scheduler's update, on a 128^3 volume) must stay well under that for the loop not to become
