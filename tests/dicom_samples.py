@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime
+import gzip
 import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.misc import is_dicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -26,9 +29,31 @@ PATIENT = {
     "StudyID": "STUDY-7731",
     "StudyDescription": "Brain tumour follow-up Doe",
     "StudyDate": "20240315",
-    "StudyTime": "101500",
+    "StudyTime": "101500.25",
 }
 SEGMENTS = {1: "Brain", 2: "Tumour"}
+PIXEL_DATA = 0x7FE00010
+
+
+def identifying_values() -> list[str]:
+    """The source patient's values long enough to search for (PatientSex 'F' is checked by attribute)."""
+    return [v for v in PATIENT.values() if len(v) > 1] + [v.split("^")[0] for v in PATIENT.values() if "^" in v]
+
+
+def leaked_values(content: Dataset | Path | str) -> list[str]:
+    """The identifying values found in a dataset, a file (gunzipped) or a text. Of DICOM only the element values
+    are searched, not the pixels or UIDs: random bytes and digit runs hold a short number, such as a date, by chance."""
+    if isinstance(content, Path):
+        if is_dicom(content):
+            content = dcmread(content)
+        else:
+            data = content.read_bytes()
+            content = (gzip.decompress(data) if content.suffix == ".gz" else data).decode("latin-1")
+    if isinstance(content, Dataset):
+        elements = [*content.iterall(), *(content.file_meta.iterall() if hasattr(content, "file_meta") else ())]
+        values = [e.value for e in elements if e.tag != PIXEL_DATA and e.VR not in ("UI", "SQ")]
+        content = "\n".join(v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values)
+    return [value for value in identifying_values() if value in content]
 
 
 def oblique_affine(shape: tuple[int, int, int], voxel_mm: float, degrees: float = 20.0) -> np.ndarray:
