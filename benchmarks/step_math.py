@@ -35,8 +35,7 @@ def clip_with_temporaries(epsilon: torch.Tensor, sample: torch.Tensor, alpha_bar
 
 def measure(name: str, side: int, steps: int) -> dict:
     schedule = get_preset("whole-head").schedule
-    scheduler = make_scheduler(name, schedule)
-    scheduler.set_timesteps(steps)
+    scheduler = make_scheduler(name, schedule, steps)
     x, generators = initial_noise((1, 1, side, side, side), [0])
     alpha_bars = step_alpha_bars(scheduler)
     noise_source = torch.Generator().manual_seed(1)

@@ -38,8 +38,7 @@ def test_ddpm_step_is_meddpm_posterior_at_every_timestep():
     coef2 = (1 - a_prev) * np.sqrt(alphas) / (1 - a_bar)
     variance = betas * (1 - a_prev) / (1 - a_bar)
 
-    scheduler = make_scheduler("ddpm", SCHEDULE)
-    scheduler.set_timesteps(250)
+    scheduler = make_scheduler("ddpm", SCHEDULE, 250)
     assert scheduler.timesteps.tolist() == list(range(249, -1, -1))
     rng = np.random.default_rng(0)
     worst_mean, worst_std = 0.0, 0.0
@@ -77,8 +76,7 @@ def test_x0_clipping_leaves_in_range_predictions_alone():
 
 @pytest.mark.parametrize("scheduler", ["dpmpp2m", "deis", "dpmpp2m-sde"])  # the solvers that keep noise levels
 def test_clipping_uses_the_noise_level_the_solver_steps_from(scheduler):
-    solver = make_scheduler(scheduler, SCHEDULE)
-    solver.set_timesteps(20)  # dpmpp2m-sde: Karras levels, several between timesteps 248 and 249
+    solver = make_scheduler(scheduler, SCHEDULE, 20)
     x = torch.randn(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(1)) * 3.0  # x0 far outside [-1, 1]
     for sigma, alpha_bar in zip(solver.sigmas[:-1].double(), step_alpha_bars(solver)):
@@ -86,6 +84,18 @@ def test_clipping_uses_the_noise_level_the_solver_steps_from(scheduler):
         alpha_t = 1.0 / (sigma**2 + 1.0) ** 0.5  # the solver's own x0 = (x - sigma_t eps) / alpha_t
         x0 = (x.double() - sigma * alpha_t * folded) / alpha_t
         assert x0.abs().max() <= 1.0 + 1e-6, (float(sigma), float(x0.abs().max()))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 15, 20, 25, 50, 249, 250])
+def test_fast_path_steps_from_training_timesteps_at_the_noise_levels_trained(steps):
+    solver = make_scheduler("dpmpp2m-sde", SCHEDULE, steps)
+    timesteps = solver.timesteps.tolist()
+    assert len(timesteps) == steps and timesteps == sorted(set(timesteps), reverse=True)
+    assert timesteps[0] == 249 and (steps == 1 or timesteps[-1] == 0)
+    trained = ((1 - solver.alphas_cumprod) / solver.alphas_cumprod).sqrt()[solver.timesteps]
+    torch.testing.assert_close(solver.sigmas[:-1], trained)
+    if steps == 20:  # crowded at high noise as Karras et al. space them: 7 of 20 steps above t = 240
+        assert sum(t > 240 for t in timesteps) == 7 and sum(t < 50 for t in timesteps) == 4
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
@@ -119,7 +129,7 @@ def test_sample_depends_on_its_own_seed_not_on_its_batch(scheduler):
 
 def test_bad_scheduler_settings_are_refused():
     with pytest.raises(ConfigurationError, match="unknown scheduler 'euler'; choose one of ddpm, ddim"):
-        make_scheduler("euler", SCHEDULE)
+        make_scheduler("euler", SCHEDULE, 10)
     with pytest.raises(ConfigurationError, match="--steps 300 is out of range.*1..250"):
         sample(ScaledSample(), np.zeros((2, 8, 8, 8), np.float32), 1, "ddim", 300, SCHEDULE, seeds=[0])
 
