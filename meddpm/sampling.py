@@ -6,10 +6,10 @@ Schedulers (all epsilon prediction, on the preset's training schedule):
 - "dpmpp2m": DPM-Solver++ (2M), multistep, second order;
 - "deis": DEIS multistep, third order: the family of Med-DDPM's iPNDM fast sampler;
 - "dpmpp2m-sde": DPM-Solver++ (2M) SDE, stochastic, on training timesteps spaced as Karras et al.'s noise
-  levels, which crowd the steps at the highest noise: the fast path. An epsilon model's x0 estimate there is mostly amplified error (x0 gets
-  eps's error times sqrt((1 - a) / a), about 5000 at Med-DDPM's t = 249); deterministic solvers carry it into
-  the image as speckle and intensity offsets, while this solver's small stochastic steps wash it out, as
-  DDPM-250 does (`python -m benchmarks.quality` measures it).
+  levels, which crowd the steps at the highest noise: the fast path. An epsilon model's x0 estimate there is
+  mostly amplified error (x0 gets eps's error times sqrt((1 - a) / a), about 5000 at Med-DDPM's t = 249);
+  deterministic solvers carry it into the image as speckle and intensity offsets, while this solver's small
+  stochastic steps wash it out, as DDPM-250 does (`python -m benchmarks.quality` measures it).
 Every scheduler sees the predicted clean image x0 clipped to [-1, 1], as Med-DDPM clips it; the clipping is
 folded into epsilon (`clip_x0_in_epsilon`) at the noise level the solver's update assumes (`step_alpha_bars`),
 so one mechanism serves every solver.
