@@ -38,6 +38,7 @@ def measure(name: str, side: int, steps: int) -> dict:
     scheduler = make_scheduler(name, schedule, steps)
     x, generators = initial_noise((1, 1, side, side, side), [0])
     alpha_bars = step_alpha_bars(scheduler)
+    stochastic = noise_arguments(scheduler, generators)
     noise_source = torch.Generator().manual_seed(1)
     times = {"clip in place": [], "clip with temporaries": [], "scheduler step": []}
     for i, t in enumerate(scheduler.timesteps):
@@ -49,7 +50,7 @@ def measure(name: str, side: int, steps: int) -> dict:
         epsilon = clip_x0_in_epsilon(epsilon, x, alpha_bars[i])
         times["clip in place"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        x = scheduler.step(epsilon, t, x, **noise_arguments(scheduler, generators)).prev_sample
+        x = scheduler.step(epsilon, t, x, **stochastic).prev_sample
         times["scheduler step"].append(time.perf_counter() - started)
     medians = {part: 1e3 * statistics.median(values) for part, values in times.items()}
     step_ms = medians["clip in place"] + medians["scheduler step"]
