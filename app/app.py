@@ -26,10 +26,13 @@ from app.output_writer_operator import OutputWriterOperator
 from app.report import RunReport
 from app.settings import SamplingSettings, parse_settings, settings_help
 from app.synthesis_operator import SamplingPlan, SynthesisOperator
+from meddpm.atomic import check_writable
 from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
-from meddpm.dicom_input import DicomMaskInput, SegmentMap, find_mask_inputs
+from meddpm.dicom_input import SegmentMap
 from meddpm.dicom_output import DicomOptions
 from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError
+from meddpm.mask_inputs import find_mask_inputs
+from meddpm.masks import MaskInput
 from meddpm.memory import check_fits
 from meddpm.pacs import PacsExporter, dicomweb_credentials
 from meddpm.served_model import ServedModel, find_model
@@ -37,6 +40,7 @@ from meddpm.triton_denoiser import RetryPolicy, TritonDenoiser
 from meddpm.triton_sampler import TritonServerLoop
 
 log = logging.getLogger("app")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 USAGE = """usage: python -m app [-i INPUT] [-o OUTPUT] [-m MODEL_REPOSITORY] [-l LEVEL] [sampling settings]
 
@@ -56,7 +60,7 @@ class SynthesisJob:
     model: ServedModel
     denoiser: Denoiser
     plan: SamplingPlan
-    masks: list[Path | DicomMaskInput]
+    masks: list[MaskInput]
     output_folder: Path
     rescale: tuple[float, float] | None
     output_formats: tuple[str, ...] = ("nifti",)
@@ -77,8 +81,8 @@ class SynthesisApp(Application):
     def compose(self):
         job = self.job
         loader = MaskLoaderOperator(
-            self, CountCondition(self, len(job.masks)), mask_inputs=job.masks, preset=job.model.preset,
-            segment_map=job.segment_map, report=job.report, name="mask_loader",
+            self, CountCondition(self, len(job.masks)), mask_inputs=job.masks, output_folder=job.output_folder,
+            preset=job.model.preset, segment_map=job.segment_map, report=job.report, name="mask_loader",
         )
         synthesis = SynthesisOperator(
             self, model=job.model, denoiser=job.denoiser, plan=job.plan, report=job.report,
@@ -106,12 +110,14 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
         raise ConfigurationError("a PACS destination is set but the output format has no dicom; add "
                                  "--output-format nifti,dicom (MEDDPM_OUTPUT_FORMAT)")
     masks = find_mask_inputs(Path(context.input_path))
+    output_folder = Path(context.output_path)
+    check_writable(output_folder)
     denoiser = make_denoiser(context.triton_server_netloc, model, settings)
     server_loop = TritonServerLoop(denoiser) if settings.triton_loop == "server" else None
     log.info("model %s (preset %s), scheduler %s, %d steps, seeds %s, %d mask(s)", model.name, model.preset.name,
              plan.scheduler, plan.steps, plan.seeds, len(masks))
     dicom = DicomOptions(settings.dicom_identity, settings.dicom_copy or ())
-    return SynthesisJob(model, denoiser, plan, masks, Path(context.output_path), settings.rescale, formats,
+    return SynthesisJob(model, denoiser, plan, masks, output_folder, settings.rescale, formats,
                         settings.segment_map, dicom, pacs, server_loop)
 
 
@@ -139,14 +145,16 @@ def make_denoiser(triton_url: str | None, model: ServedModel, settings: Sampling
 
 
 def run_graph(app: SynthesisApp, report: RunReport) -> None:
-    """Run the graph; Ctrl-C or SIGTERM stop the loop between steps, so that its cleanup (a Triton server's
-    shared memory registrations) runs. Holoscan's own handler, installed as the graph starts, would end the
-    process after 3 s without it, so ours replaces it once the graph is running."""
-    finished = app.run_async()
-    while not (report.graph_started.wait(0.1) or finished.done()):
-        pass
-    handlers = {sig: signal.signal(sig, lambda *_: report.stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """Run the graph; Ctrl-C or SIGTERM stop the loop between steps (or the masks not yet started), so that its
+    cleanup (a Triton server's shared memory registrations) runs. Holoscan installs its own handler as the graph
+    starts, which would end the process after 3 s, so ours is installed again once the graph is running."""
+    handlers = {sig: signal.signal(sig, lambda *_: report.stop.set()) for sig in STOP_SIGNALS}
     try:
+        finished = app.run_async()
+        while not (report.graph_started.wait(0.1) or finished.done()):
+            pass
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda *_: report.stop.set())
         while True:
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 finished.result(timeout=0.5)
@@ -163,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + settings_help())
         return 0
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: exit code 130, also while starting up
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("error: stopped by Ctrl-C or SIGTERM; no mask was started, nothing was written", file=sys.stderr)
+        return Interrupted.exit_code
+
+
+def run(argv: list[str]) -> int:
     try:
         job = prepare_job(argv)
     except MedDDPMError as error:
@@ -175,5 +192,3 @@ def main(argv: list[str] | None = None) -> int:
     if job.report.stop.is_set():  # by a signal, or by a lost server
         return (job.report.stopped_by or Interrupted).exit_code
     return 1 if job.report.failed else 0
-
-

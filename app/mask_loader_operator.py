@@ -8,16 +8,18 @@ from pathlib import Path
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from app.report import RunReport
-from meddpm.dicom_input import DicomMaskInput, SegmentMap, read_dicom_mask
-from meddpm.masks import mask_name, read_mask
+from meddpm.atomic import check_target
+from meddpm.dicom_input import SegmentMap, read_dicom_mask
+from meddpm.errors import InputError
+from meddpm.masks import MaskInput, read_mask
 from meddpm.presets import Preset
 
 log = logging.getLogger(__name__)
 
 
 class MaskLoaderOperator(Operator):
-    """Reads the next mask of the input (NIfTI, DICOM SEG or label-map series); a mask that fails validation
-    is reported and skipped.
+    """Reads the next mask of the input (NIfTI, DICOM SEG or label-map series); a mask that was refused, fails
+    validation or has an output folder the writer may not replace is reported and skipped.
 
     Give it a CountCondition with one tick per path.
 
@@ -25,10 +27,11 @@ class MaskLoaderOperator(Operator):
         mask: meddpm.masks.LabelMask
     """
 
-    def __init__(self, fragment: Fragment, *args, mask_inputs: list[Path | DicomMaskInput], preset: Preset,
+    def __init__(self, fragment: Fragment, *args, mask_inputs: list[MaskInput], output_folder: Path, preset: Preset,
                  segment_map: SegmentMap | None, report: RunReport, **kwargs):
         self.output_name_mask = "mask"
         self._pending = list(mask_inputs)
+        self._output_folder = output_folder
         self._preset = preset
         self._segment_map = segment_map
         self._report = report
@@ -38,14 +41,18 @@ class MaskLoaderOperator(Operator):
         spec.output(self.output_name_mask)
 
     def compute(self, op_input, op_output, context):
-        source = self._pending.pop(0)
-        dicom = isinstance(source, DicomMaskInput)
-        name = source.name if dicom else mask_name(source)
+        source: MaskInput = self._pending.pop(0)
         if self._report.stop.is_set():
-            self._report.failed[name] = "skipped: the run was stopped"
+            self._report.failed[source.name] = "skipped: the run was stopped"
             return
-        with self._report.step(name):
-            mask = read_dicom_mask(source, self._preset, self._segment_map) if dicom else read_mask(source, self._preset)
+        with self._report.step(source.name):
+            if source.problem:
+                raise InputError(source.problem)
+            check_target(self._output_folder / source.name)
+            if source.kind == "nifti":
+                mask = read_mask(source.files[0], self._preset)
+            else:
+                mask = read_dicom_mask(source, self._preset, self._segment_map)
             log.info("mask %s: %s voxels, labels %s", mask.name, "x".join(map(str, mask.labels.shape)),
                      sorted(set(mask.labels.ravel().tolist()) - {0}))
             op_output.emit(mask, self.output_name_mask)

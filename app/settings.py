@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from meddpm.dicom_output import COPYABLE_ATTRIBUTES, IDENTITY_POLICIES
 from meddpm.errors import ConfigurationError
 from meddpm.pacs import CStoreDestination
 from meddpm.presets import SCHEDULERS
-from meddpm.sampling import FAST_DEFAULT_STEPS
+from meddpm.sampling import FAST_DEFAULT_STEPS, MAX_SEED
 from meddpm.triton_denoiser import TRANSPORTS, RetryPolicy
 from meddpm.triton_sampler import LOOP_MODES
 
@@ -35,14 +36,34 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
 
+RESCALE_LIMIT = 1e30  # volumes are written as float32 (up to 3.4e38): MAX - MIN must stay finite there
+
+
 def _rescale(text: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not MIN,MAX (e.g. 0,1000)") from None
+    if not all(math.isfinite(v) and abs(v) <= RESCALE_LIMIT for v in (low, high)):
+        raise argparse.ArgumentTypeError(f"'{text}': MIN and MAX must be finite numbers within ±{RESCALE_LIMIT:g}")
     if not low < high:
         raise argparse.ArgumentTypeError(f"'{text}': MIN must be below MAX")
     return low, high
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed from 0 to {MAX_SEED} (2^63 - 1)")
+    return value
+
+
+def _threads(text: str) -> int:
+    value, cores = int(text), len(os.sched_getaffinity(0))
+    if not 0 <= value <= cores:
+        raise argparse.ArgumentTypeError(f"{value} threads: choose 0 (one per core) to {cores} (the cores this "
+                                         f"process may use); more threads than cores only slow each step")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -134,11 +155,11 @@ SETTINGS = (
     Setting("scheduler", "MEDDPM_SCHEDULER", _scheduler, None, f"one of {', '.join(SCHEDULERS)} (default: the preset's; the fast path: dpmpp2m-sde)"),
     Setting("steps", "MEDDPM_STEPS", _positive, None, "denoising steps, i.e. UNet calls (default: the preset's for its "
             "own scheduler, else " + ", ".join(f"{k} {v}" for k, v in FAST_DEFAULT_STEPS.items()) + ")"),
-    Setting("seed", "MEDDPM_SEED", int, None, "seed of sample 0; sample i uses seed + i (default: random, recorded)"),
+    Setting("seed", "MEDDPM_SEED", _seed, None, "seed of sample 0; sample i uses seed + i (default: random, recorded)"),
     Setting("samples", "MEDDPM_SAMPLES", _positive, 1, "synthetic volumes per mask"),
     Setting("batch_size", "MEDDPM_BATCH_SIZE", _positive, 1, "samples sent through the UNet together"),
     Setting("rescale", "MEDDPM_RESCALE", _rescale, None, "MIN,MAX: map the model range [-1, 1] linearly onto it"),
-    Setting("threads", "MEDDPM_THREADS", int, 0, "ONNX Runtime intra-op threads (0: one per core)"),
+    Setting("threads", "MEDDPM_THREADS", _threads, 0, "ONNX Runtime intra-op threads (0: one per core)"),
     Setting("triton_model", "MEDDPM_TRITON_MODEL", str, None, "served model to call (default: NAME or NAME_cpu, "
             "whichever is ready)"),
     Setting("triton_transport", "MEDDPM_TRITON_TRANSPORT", _transport, "auto", "shm: shared memory (same host); "

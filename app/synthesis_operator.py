@@ -14,9 +14,10 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from app.report import RunReport
 from app.settings import SamplingSettings
 from meddpm.denoisers import Denoiser
+from meddpm.errors import ConfigurationError
 from meddpm.geometry import ModelGrid, condition_channels
 from meddpm.masks import LabelMask
-from meddpm.sampling import check_steps, default_steps, sample
+from meddpm.sampling import MAX_SEED, check_steps, default_steps, sample
 from meddpm.served_model import ServedModel
 from meddpm.triton_sampler import TritonServerLoop
 
@@ -47,6 +48,9 @@ class SamplingPlan:
         steps = settings.steps or default_steps(scheduler, schedule)
         check_steps(scheduler, steps, schedule)
         seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+        if seed + settings.samples - 1 > MAX_SEED:
+            raise ConfigurationError(f"--seed {seed} with {settings.samples} samples passes the largest seed, {MAX_SEED}; "
+                                     f"sample i uses seed + i: choose a seed up to {MAX_SEED - settings.samples + 1}")
         return cls(scheduler, steps, [seed + i for i in range(settings.samples)], settings.batch_size)
 
 

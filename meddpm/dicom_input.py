@@ -12,7 +12,6 @@ DICOM's LPS to the RAS convention of LabelMask, so that a volume written back on
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from meddpm.errors import ConfigurationError, InputError
-from meddpm.masks import MAX_SIDE, LabelMask, check_label_values, integer_labels, is_nifti
+from meddpm.masks import MAX_SIDE, LabelMask, MaskInput, check_label_values, integer_labels, name_digest
 from meddpm.presets import Preset
 
 log = logging.getLogger(__name__)
@@ -39,15 +38,6 @@ SOURCE_ATTRIBUTES = (
     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "StudyDescription", "AccessionNumber",
     "ReferringPhysicianName", "InstitutionName", "FrameOfReferenceUID",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class DicomMaskInput:
-    """The files of one DICOM mask: a SEG instance, or the slices of one label-map image series."""
-
-    name: str  # names the output folder: kind, series number and a digest of the UID, no patient data
-    kind: str  # "seg", "label-map" or "unreadable"
-    files: tuple[Path, ...]
 
 
 @dataclasses.dataclass
@@ -84,31 +74,14 @@ class SegmentMap:
                                      f"accepts {list(preset.condition.labels)}")
 
 
-def find_mask_inputs(path: Path) -> list[Path | DicomMaskInput]:
-    """NIfTI masks (the file, or the folder's *.nii[.gz]) and DICOM masks (see the module's rule)."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder; pass a NIfTI mask, a DICOM SEG, or a folder of them")
-    if path.is_file():
-        if is_nifti(path):
-            return [path]
-        if not is_dicom(path):
-            raise InputError(f"{path}: neither NIfTI (.nii/.nii.gz) nor DICOM (no 'DICM' marker at byte 128)")
-        return group_dicom([path])
-    nifti = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
-    dicom = sorted(p for p in path.rglob("*") if p.is_file() and not is_nifti(p) and is_dicom(p))
-    inputs = [*nifti, *group_dicom(dicom)]
-    if not inputs:
-        raise InputError(f"{path}: the folder holds no NIfTI masks (.nii/.nii.gz) and no DICOM SEG or label-map series")
-    return inputs
-
-
 def is_dicom(path: Path) -> bool:
+    """Whether the file has the DICOM marker (raises OSError when it cannot be read)."""
     with path.open("rb") as file:
         return file.read(132)[128:] == b"DICM"
 
 
-def group_dicom(files: list[Path]) -> list[DicomMaskInput]:
-    """SEG instances, or else image series; unreadable files become inputs of their own that fail alone."""
+def group_dicom(files: list[Path]) -> list[MaskInput]:
+    """SEG instances, or else image series; unreadable files become refused inputs that fail alone."""
     segs, series, unreadable, series_numbers = [], defaultdict(list), [], {}
     for path in files:
         try:
@@ -116,11 +89,14 @@ def group_dicom(files: list[Path]) -> list[DicomMaskInput]:
             if ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
                 continue  # a DICOMDIR indexes the files; they are found anyway
             sop_class, series_uid = str(ds.SOPClassUID), str(ds.SeriesInstanceUID)
-        except Exception:  # pydicom raises many types for a damaged file; read_dicom_mask reports it
-            unreadable.append(DicomMaskInput(f"unreadable_{_digest(str(path))}", "unreadable", (path,)))
+        except Exception as error:  # pydicom raises many types for a damaged file
+            detail = ("no SOP Class UID or Series Instance UID" if isinstance(error, AttributeError)
+                      else f"{type(error).__name__}: {error}")
+            unreadable.append(MaskInput(f"unreadable_{name_digest(str(path))}", "refused", (path,), (
+                f"{path}: cannot be read as DICOM ({detail}); replace the file with an intact copy")))
             continue
         if sop_class == SEG_SOP_CLASS:
-            segs.append(DicomMaskInput(f"seg_{ds.get('SeriesNumber') or ''}_{_digest(str(ds.SOPInstanceUID))}", "seg", (path,)))
+            segs.append(MaskInput(f"seg_{ds.get('SeriesNumber') or ''}_{name_digest(str(ds.SOPInstanceUID))}", "seg", (path,)))
         elif "Rows" in ds:
             series[series_uid].append(path)
             series_numbers[series_uid] = ds.get("SeriesNumber") or ""
@@ -129,21 +105,13 @@ def group_dicom(files: list[Path]) -> list[DicomMaskInput]:
     if segs and series:
         log.info("ignored %d image series: the input has %d DICOM SEG(s), which are the masks", len(series), len(segs))
         return [*segs, *unreadable]
-    label_maps = [DicomMaskInput(f"labelmap_{series_numbers[uid]}_{_digest(uid)}", "label-map", tuple(paths))
+    label_maps = [MaskInput(f"labelmap_{series_numbers[uid]}_{name_digest(uid)}", "label-map", tuple(paths))
                   for uid, paths in series.items()]
     return [*segs, *label_maps, *unreadable]
 
 
-def read_dicom_mask(source: DicomMaskInput, preset: Preset, segment_map: SegmentMap | None) -> LabelMask:
+def read_dicom_mask(source: MaskInput, preset: Preset, segment_map: SegmentMap | None) -> LabelMask:
     """Read and validate one DICOM mask for `preset` (raises InputError naming the file and what is accepted)."""
-    if source.kind == "unreadable":
-        path = source.files[0]
-        try:
-            pydicom.dcmread(path)
-            detail = "no SOP Class UID or Series Instance UID found"
-        except Exception as error:
-            detail = f"{type(error).__name__}: {error}"
-        raise InputError(f"{path}: cannot be read as DICOM ({detail}); replace the file with an intact copy")
     if source.kind == "seg":
         labels, affine, datasets = _read_seg(source.files[0], preset, segment_map)
         where = str(source.files[0])
@@ -274,6 +242,3 @@ def _slices_along_normal(labels: np.ndarray, affine: np.ndarray) -> tuple[np.nda
     flipped[:3, 2] = -affine[:3, 2]
     return np.ascontiguousarray(labels[:, :, ::-1]), flipped
 
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -19,6 +19,12 @@ class InputError(MedDDPMError):
     exit_code = 3
 
 
+class OutputError(MedDDPMError):
+    """An output folder or file cannot be written where it was asked for."""
+
+    exit_code = 2
+
+
 class CheckpointError(MedDDPMError):
     """A checkpoint cannot be read or does not fit the preset."""
 

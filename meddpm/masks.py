@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,17 @@ MAX_SIDE = 1024  # voxels per axis
 MAX_VOXELS = 512**3  # refused before any voxel is read
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskInput:
+    """One mask of the input, not yet read: a NIfTI file, a DICOM SEG, the slices of a label-map series, or an
+    input refused before reading (meddpm.mask_inputs)."""
+
+    name: str  # its output folder's name; for a refused input, a printable label for the run's summary
+    kind: str  # "nifti", "seg", "label-map" or "refused"
+    files: tuple[Path, ...]
+    problem: str | None = None  # why it is refused: the message it fails with
+
+
 @dataclasses.dataclass
 class LabelMask:
     name: str  # file name without suffix: names the output folder
@@ -34,6 +46,11 @@ def is_nifti(path: Path) -> bool:
 
 def mask_name(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def name_digest(text: str) -> str:
+    """A short digest that names an output folder without the text it comes from (UIDs, paths)."""
+    return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:8]
 
 
 def read_mask(path: Path, preset: Preset) -> LabelMask:

@@ -109,6 +109,9 @@ def clip_x0_in_epsilon(epsilon: torch.Tensor, sample: torch.Tensor, alpha_bar: f
     return x0.mul_(-sqrt_a).add_(sample).div_(sqrt_one_minus_a)
 
 
+MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the server-side loop passes a seed as a gRPC int64
+
+
 def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
     """x_T ~ N(0, I), one generator per sample: a sample depends on its own seed only."""
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]

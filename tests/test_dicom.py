@@ -11,9 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from meddpm.dicom_input import SEG_SOP_CLASS, SegmentMap, find_mask_inputs, read_dicom_mask
+from meddpm.dicom_input import SEG_SOP_CLASS, SegmentMap, read_dicom_mask
 from meddpm.dicom_output import DicomOptions, Provenance, study_identity, write_series, write_synthesis
 from meddpm.errors import InputError
+from meddpm.mask_inputs import find_mask_inputs
 from meddpm.phantoms import make_phantom
 from meddpm.presets import BUILTIN_PRESETS, load_presets
 from tests.conftest import REPO

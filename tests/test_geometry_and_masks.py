@@ -6,13 +6,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meddpm.dicom_input import find_mask_inputs
 from meddpm.errors import InputError
 from meddpm.geometry import ModelGrid, condition_channels
+from meddpm.mask_inputs import find_mask_inputs
 from meddpm.masks import read_mask
 from meddpm.phantoms import make_phantom
 from meddpm.presets import get_preset
-from tests.conftest import SHARED_DATA
+from tests.conftest import TEST_DATA
 
 DEMO = get_preset("demo")
 
@@ -69,10 +69,7 @@ def test_other_voxel_sizes_and_shapes_are_resampled_there_and_back():
 
 
 def test_released_whole_head_mask_on_the_demo_grid():
-    path = SHARED_DATA / "whole_head_mask_sample_0.nii.gz"
-    if not path.exists():
-        pytest.skip(f"{path} is absent")
-    mask = read_mask(path, DEMO)
+    mask = read_mask(TEST_DATA / "whole_head_mask_sample_0.nii.gz", DEMO)
     grid = ModelGrid(mask.labels.shape, mask.affine, DEMO)
     network = grid.labels_to_network(mask.labels)
     assert network.shape == (32, 32, 32) and (network == 1).sum() > 1000
@@ -80,11 +77,8 @@ def test_released_whole_head_mask_on_the_demo_grid():
 
 
 def test_released_brats_mask_is_on_the_brats_grid():
-    path = SHARED_DATA / "brats2021_01306_seg.nii.gz"
-    if not path.exists():
-        pytest.skip(f"{path} is absent")
     brats = get_preset("brats")
-    mask = read_mask(path, brats)
+    mask = read_mask(TEST_DATA / "brats2021_01306_seg.nii.gz", brats)
     grid = ModelGrid(mask.labels.shape, mask.affine, brats)
     network = grid.labels_to_network(mask.labels)
     assert network.shape == (144, 192, 192)

@@ -18,9 +18,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from requests import Session
 
-from meddpm.dicom_input import find_mask_inputs, read_dicom_mask
+from meddpm.dicom_input import read_dicom_mask
 from meddpm.dicom_output import DicomOptions, Provenance, study_identity, write_series
 from meddpm.errors import ConfigurationError, PacsError
+from meddpm.mask_inputs import find_mask_inputs
 from meddpm.pacs import CStoreDestination, PacsExporter, dicomweb_credentials
 from meddpm.phantoms import make_phantom
 from meddpm.presets import BUILTIN_PRESETS, load_presets
