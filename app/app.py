@@ -26,7 +26,7 @@ from app.output_writer_operator import OutputWriterOperator
 from app.report import RunReport
 from app.settings import SamplingSettings, parse_settings, settings_help
 from app.synthesis_operator import SamplingPlan, SynthesisOperator
-from meddpm.atomic import check_writable
+from meddpm.atomic import check_writable, unwritable_folder
 from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
 from meddpm.dicom_input import SegmentMap
 from meddpm.dicom_output import DicomOptions
@@ -99,7 +99,10 @@ class SynthesisApp(Application):
 def prepare_job(argv: list[str]) -> SynthesisJob:
     """Resolve the SDK's paths and our settings into a job, or raise a MedDDPMError saying what to fix."""
     settings, sdk_args = parse_settings(argv[1:])
-    context = Application.init_app_context([argv[0], *sdk_args])
+    try:
+        context = Application.init_app_context([argv[0], *sdk_args])
+    except OSError as error:  # the SDK makes the output folder as it parses -o
+        raise unwritable_folder(error.filename, error) from None
     model = find_model(Path(context.model_path), settings.model_name, settings.preset)
     plan = SamplingPlan.resolve(settings, model)
     if settings.segment_map:

@@ -67,8 +67,12 @@ def check_writable(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=folder))
     except OSError as error:
-        raise OutputError(f"{folder}: cannot write outputs there ({error.strerror}); choose a writable output folder "
-                          f"(-o, HOLOSCAN_OUTPUT_PATH)") from None
+        raise unwritable_folder(folder, error) from None
+
+
+def unwritable_folder(folder: Path | str, error: OSError) -> OutputError:
+    return OutputError(f"{folder}: cannot write outputs there ({error.strerror}); choose a writable output folder "
+                       f"(-o, HOLOSCAN_OUTPUT_PATH)")
 
 
 def remove_leftovers(folder: Path) -> list[str]:
