@@ -131,7 +131,10 @@ def read_dicom_mask(source: MaskInput, preset: Preset, segment_map: SegmentMap |
 
 def _read_seg(path: Path, preset: Preset, segment_map: SegmentMap | None) -> tuple[np.ndarray, np.ndarray, list[Dataset]]:
     try:
+        _check_seg_size(pydicom.dcmread(path, stop_before_pixels=True), path)
         seg = hd.seg.segread(path)
+    except InputError:
+        raise
     except Exception as error:
         raise InputError(f"{path}: cannot be read as a DICOM SEG ({type(error).__name__}: {error}); replace the "
                          f"file with an intact copy") from None
@@ -149,6 +152,23 @@ def _read_seg(path: Path, preset: Preset, segment_map: SegmentMap | None) -> tup
     affine = np.asarray(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
     labels, affine = _slices_along_normal(labels.transpose(2, 1, 0), affine)
     return labels, affine, [seg]
+
+
+def _check_seg_size(header: Dataset, path: Path) -> None:
+    """Refuse, before any pixel is decoded, an empty SEG or one whose size is beyond limits or beyond its pixel data."""
+    frames, segments = int(header.get("NumberOfFrames") or 0), len(header.get("SegmentSequence") or [])
+    rows, columns, bits = int(header.get("Rows") or 0), int(header.get("Columns") or 0), int(header.BitsAllocated)
+    if frames < 1 or segments < 1 or rows < 1 or columns < 1:
+        raise InputError(f"{path}: the SEG is empty ({frames} frames, {segments} segments, {rows}x{columns} pixels); "
+                         f"export the segmentation again with at least one labelled slice")
+    if max(rows, columns) > MAX_SIDE or frames > MAX_SIDE * segments:
+        raise InputError(f"{path}: {rows}x{columns} pixels in {frames} frames is beyond what is accepted (at most "
+                         f"{MAX_SIDE} a side and {MAX_SIDE} frames a segment); crop or downsample the segmentation")
+    needed = -(-rows * columns * frames * bits // 8)
+    if not header.file_meta.TransferSyntaxUID.is_encapsulated and needed > path.stat().st_size:
+        raise InputError(f"{path}: Rows, Columns and Number of Frames ({rows}x{columns}x{frames}) need {needed} bytes "
+                         f"of pixel data, but the file has {path.stat().st_size} bytes; the header does not match its "
+                         f"pixels: replace the file with an intact copy")
 
 
 def _segments_to_labels(path: Path, segments: dict[int, str], segment_map: SegmentMap | None,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -266,3 +268,17 @@ def test_app_synthesises_dicom_masks_and_reports_bad_ones(demo_repository, phant
     for path in out.rglob("*"):
         if path.is_file():
             assert leaked_values(path) == [], path
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"Rows": 65535, "Columns": 65535}, "65535x65535 pixels in 64 frames is beyond what is accepted"),
+    ({"Rows": 1000, "Columns": 1000}, "need 8000000 bytes of pixel data, but the file has"),
+    ({"NumberOfFrames": 0, "PixelData": b"", "PerFrameFunctionalGroupsSequence": []}, "the SEG is empty (0 frames"),
+])
+def test_a_seg_whose_size_does_not_fit_is_refused_before_its_pixels_are_decoded(phantom, tmp_path, change, message):
+    seg = copy.deepcopy(phantom[4])
+    for keyword, value in change.items():
+        setattr(seg, keyword, value)
+    save([seg], tmp_path, "seg")
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_dicom_mask(find_mask_inputs(tmp_path)[0], PRESET, None)
