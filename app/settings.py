@@ -159,7 +159,7 @@ SETTINGS = (
     Setting("samples", "MEDDPM_SAMPLES", _positive, 1, "synthetic volumes per mask"),
     Setting("batch_size", "MEDDPM_BATCH_SIZE", _positive, 1, "samples sent through the UNet together"),
     Setting("rescale", "MEDDPM_RESCALE", _rescale, None, "MIN,MAX: map the model range [-1, 1] linearly onto it"),
-    Setting("threads", "MEDDPM_THREADS", _threads, 0, "ONNX Runtime intra-op threads (0: one per core)"),
+    Setting("threads", "MEDDPM_THREADS", _threads, 0, "ONNX Runtime intra-op threads, at most one per core (0: one per core)"),
     Setting("triton_model", "MEDDPM_TRITON_MODEL", str, None, "served model to call (default: NAME or NAME_cpu, "
             "whichever is ready)"),
     Setting("triton_transport", "MEDDPM_TRITON_TRANSPORT", _transport, "auto", "shm: shared memory (same host); "
