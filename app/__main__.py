@@ -1,15 +1,20 @@
-"""`python -m app`. SIGTERM acts as Ctrl-C from the first moment, while the SDK is still being imported."""
+"""`python -m app`. Ctrl-C and SIGTERM end it with exit code 130 from the first moment; while the libraries are
+imported (nothing is held yet) at once, since an exception raised inside an import can leave one half-initialised."""
 
+import os
 import signal
-import sys
 
 from meddpm.errors import Interrupted
 
-signal.signal(signal.SIGTERM, signal.default_int_handler)
-try:
-    from app.app import main
-except KeyboardInterrupt:
-    print("error: stopped by Ctrl-C or SIGTERM while starting; no mask was started, nothing was written", file=sys.stderr)
-    raise SystemExit(Interrupted.exit_code) from None
+
+def _stop_while_importing(signum, frame):
+    os.write(2, f"error: {Interrupted.while_starting}\n".encode())
+    os._exit(Interrupted.exit_code)
+
+
+for _signal in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_signal, _stop_while_importing)
+
+from app.app import main  # noqa: E402 (after the handlers)
 
 raise SystemExit(main())

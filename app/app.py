@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from holoscan.conditions import CountCondition
@@ -40,7 +41,6 @@ from meddpm.triton_denoiser import RetryPolicy, TritonDenoiser
 from meddpm.triton_sampler import TritonServerLoop
 
 log = logging.getLogger("app")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 USAGE = """usage: python -m app [-i INPUT] [-o OUTPUT] [-m MODEL_REPOSITORY] [-l LEVEL] [sampling settings]
 
@@ -151,21 +151,30 @@ def run_graph(app: SynthesisApp, report: RunReport) -> None:
     """Run the graph; Ctrl-C or SIGTERM stop the loop between steps (or the masks not yet started), so that its
     cleanup (a Triton server's shared memory registrations) runs. Holoscan installs its own handler as the graph
     starts, which would end the process after 3 s, so ours is installed again once the graph is running."""
-    handlers = {sig: signal.signal(sig, lambda *_: report.stop.set()) for sig in STOP_SIGNALS}
+    stop_on_signal(report.stop)
     try:
         finished = app.run_async()
         while not (report.graph_started.wait(0.1) or finished.done()):
             pass
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda *_: report.stop.set())
+        stop_on_signal(report.stop)
         while True:
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 finished.result(timeout=0.5)
                 break
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         app.shutdown_async_executor()
+
+
+def stop_on_signal(stop: threading.Event, interrupt: bool = False) -> None:
+    """Ctrl-C and SIGTERM set `stop`; with `interrupt`, they also raise KeyboardInterrupt where the program is."""
+
+    def handler(signum, frame):
+        stop.set()
+        if interrupt:
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,20 +183,19 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + settings_help())
         return 0
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: exit code 130, also while starting up
-    try:
-        return run(argv)
-    except KeyboardInterrupt:
-        print("error: stopped by Ctrl-C or SIGTERM; no mask was started, nothing was written", file=sys.stderr)
-        return Interrupted.exit_code
-
-
-def run(argv: list[str]) -> int:
+    interrupted = threading.Event()
+    stop_on_signal(interrupted, interrupt=True)
     try:
         job = prepare_job(argv)
-    except MedDDPMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+    except BaseException as error:  # a library may have turned the KeyboardInterrupt into an error of its own
+        if not interrupted.is_set():
+            if not isinstance(error, MedDDPMError):
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            return error.exit_code
+    if interrupted.is_set():
+        print(f"error: {Interrupted.while_starting}", file=sys.stderr)
+        return Interrupted.exit_code
     run_graph(SynthesisApp(job), job.report)
     print(job.report.summary())
     for folder in job.report.written.values():

@@ -44,8 +44,8 @@ def staged_folder(target: Path) -> Iterator[Path]:
         except OSError as error:
             if error.errno not in WRITE_ERRORS:
                 raise
-            raise OutputError(f"{error.filename or target}: cannot be written ({error.strerror}); free space or "
-                              f"choose another output folder (-o)") from None
+            raise OutputError(f"{error.filename or target}: cannot be written ({error.strerror}); free space, or "
+                              f"write to another folder") from None
         _swap_into_place(staging, target)
     finally:
         os.close(lock)
@@ -56,9 +56,9 @@ def check_target(target: Path) -> None:
     """Refuse a target that is not a folder the swap may replace: a symbolic link, or a file."""
     if target.is_symlink():
         raise OutputError(f"{target}: is a symbolic link; outputs are replaced whole and links are neither followed "
-                          f"nor removed: remove the link, or choose another output folder (-o)")
+                          f"nor removed: remove the link, or write to another folder")
     if target.exists() and not target.is_dir():
-        raise OutputError(f"{target}: exists and is not a folder; move it away, or choose another output folder (-o)")
+        raise OutputError(f"{target}: exists and is not a folder; move it away, or write to another folder")
 
 
 def check_writable(folder: Path) -> None:

@@ -57,3 +57,4 @@ class Interrupted(MedDDPMError):
     """The run was stopped by Ctrl-C or SIGTERM."""
 
     exit_code = 130
+    while_starting = "stopped by Ctrl-C or SIGTERM while starting; no mask was started, nothing was written"

@@ -90,7 +90,7 @@ class TritonDenoiser(Denoiser):
         """The served model to call: the one asked for, else NAME or NAME_cpu, whichever is ready."""
         candidates = [served_name] if served_name else [self.model.name, f"{self.model.name}_cpu"]
         deadline = time.monotonic() + self.policy.window_s
-        last_error = "no answer"
+        last_error, waiting = "no answer", False
         while True:
             try:
                 if self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S):
@@ -102,6 +102,9 @@ class TritonDenoiser(Denoiser):
                 last_error = error.message()
             if time.monotonic() >= deadline:
                 break
+            if not waiting:
+                log.info("Triton at %s: not ready (%s); waiting up to %.0f s", self.url, last_error, self.policy.window_s)
+                waiting = True
             time.sleep(0.5)
         wanted = " or ".join(f"'{name}'" for name in candidates)
         raise ServerError(

@@ -94,17 +94,26 @@ def test_what_cannot_work_is_refused_before_any_sampling(demo_repository, phanto
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("moment", ["importing", "waiting for the server"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_start_up_exits_130_without_a_traceback(demo_repository, phantom, tmp_path, sig):
-    """Start-up is held in its wait for a Triton server that is not there; the signal comes a second in."""
+def test_a_signal_during_start_up_exits_130_without_a_traceback(demo_repository, phantom, tmp_path, sig, moment):
+    """Start-up is stopped while the libraries are imported, and in its wait for a Triton server that is not there."""
     write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
     environment = {**os.environ, "TRITON_SERVER_NETLOC": f"localhost:{free_port()}"}
     app = subprocess.Popen([sys.executable, "-m", "app", "-i", tmp_path / "head.nii.gz", "-o", tmp_path / "out",
-                            "-m", demo_repository, "--triton-retry-window", "300"], cwd=REPO, env=environment,
+                            "-m", demo_repository, "--triton-retry-window", "600"], cwd=REPO, env=environment,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    seen = []
+    if moment == "importing":
+        time.sleep(0.5)
+    else:
+        for line in app.stderr:
+            seen.append(line)
+            if "waiting up to 600 s" in line:
+                break
     app.send_signal(sig)
     stdout, stderr = app.communicate(timeout=120)
+    stderr = "".join(seen) + stderr
     assert app.returncode == 130, stdout + stderr
-    assert "stopped by Ctrl-C or SIGTERM" in stderr and "Traceback" not in stderr
+    assert "stopped by Ctrl-C or SIGTERM while starting" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
