@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     preset = get_preset(args.preset, args.presets)
-    name = args.name or "meddpm_" + preset.name.replace("-", "_")
+    name = args.name if args.name is not None else "meddpm_" + preset.name.replace("-", "_")
+    repository.check_model_name(name)
     loaded = load_checkpoint(args.checkpoint, preset, args.schedule_file)
     log.info("loaded %s (layout '%s', schedule %s)", args.checkpoint.name, loaded.layout,
              "checked" if loaded.schedule_checked else "not stored in the checkpoint")

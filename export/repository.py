@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -23,8 +24,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from meddpm.atomic import staged_folder, write_text
+from meddpm.errors import ConfigurationError
 from meddpm.presets import Preset
-from meddpm.served_model import MANIFEST
+from meddpm.served_model import MANIFEST, VARIANT_SUFFIXES
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
 
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
@@ -32,6 +34,17 @@ SAMPLER_MODEL_SOURCE = Path(__file__).with_name("triton_sampler_model.py")
 MEDDPM_PACKAGE = Path(__file__).resolve().parents[1] / "meddpm"
 SAMPLER_INSTANCES = 2
 VERSIONS_RECORDED = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers", "meddpm-deploy")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def check_model_name(name: str) -> None:
+    """A model name must be one plain folder name of the repository, not a variant's."""
+    if not MODEL_NAME.fullmatch(name) or name.endswith(VARIANT_SUFFIXES):
+        raise ConfigurationError(
+            f"model name '{name}' is not a plain model name; use ASCII letters, digits, '_', '-' and '.' (not first), "
+            f"no path separators, and no ending in {', '.join(VARIANT_SUFFIXES)} (the export adds those): "
+            f"e.g. --name meddpm_whole_head"
+        )
 
 
 def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, tensorrt_accelerator: bool = False) -> mc.ModelConfig:

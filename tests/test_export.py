@@ -122,6 +122,16 @@ def test_export_command_reports_a_bad_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "..", ".hidden", "", "head_cpu", "head_sampler", "head_trt"])
+def test_export_takes_a_plain_model_name_only(name, presets, test_presets_file, tmp_path, capsys):
+    checkpoint = tmp_path / "tiny.pt"
+    save_meddpm_checkpoint(checkpoint, randomise(build_unet(presets["tiny"]), seed=6), presets["tiny"], step=1)
+    code = export_main(["--checkpoint", str(checkpoint), "--preset", "tiny", "--presets", str(test_presets_file),
+                        "--repository", str(tmp_path / "repo" / "models"), "--name", name])
+    assert code == 2 and f"model name '{name}' is not a plain model name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["tiny.pt"], "nothing written"
+
+
 def test_tensorrt_plan_without_tensorrt_says_how(presets, test_presets_file, tmp_path, capsys):
     try:
         import tensorrt  # noqa: F401
