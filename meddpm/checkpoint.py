@@ -52,6 +52,7 @@ def load_checkpoint(path: str | os.PathLike, preset: Preset, schedule_file: str 
 
     unet = build_unet(preset)
     _check_tensors(path, preset, unet_state, unet)
+    _check_finite(path, unet_state)
     unet.load_state_dict(unet_state)
     unet.eval()
     _check_schedule(path, preset, schedule)
@@ -151,6 +152,16 @@ def _check_tensors(path: Path, preset: Preset, found: dict[str, torch.Tensor], u
     raise CheckpointError(
         f"{path}: {len(wrong_shape)} tensor shapes differ from preset '{preset.name}': {shown}{hint}"
     )
+
+
+def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """NaN or infinite weights make every output NaN; refuse them before anything is exported."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {', '.join(bad[:_SHOWN])}); the weights "
+            f"are corrupt or the training diverged: use an earlier checkpoint of the run, or the file as released"
+        )
 
 
 def _fits(preset: Preset, shapes: dict[str, tuple]) -> bool:
