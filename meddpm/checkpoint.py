@@ -70,11 +70,14 @@ def save_meddpm_checkpoint(path: str | os.PathLike, unet: MedDDPMUNet, preset: P
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, or of a folder as a tree: each file's relative path and hash, sorted by path
+    (__pycache__ left out: Python writes it where the package runs)."""
+    if not path.is_dir():
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                   if p.is_file() and "__pycache__" not in p.relative_to(path).parts)
+    return hashlib.sha256("".join(f"{name}\0{sha256_of(path / name)}\n" for name in files).encode()).hexdigest()
 
 
 def _read(path: Path) -> object:

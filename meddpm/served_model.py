@@ -13,11 +13,17 @@ from meddpm.presets import Preset
 from meddpm.unet import INPUT_NAMES
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 # Other entries exported for the same model (see export/repository.py): the graph on the python backend, a
 # TensorRT plan, the server-side sampling loop.
 CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX = "_cpu", "_trt", "_sampler"
 VARIANT_SUFFIXES = (CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX)
+# The export's hashes in each entry's config.pbtxt `parameters` (what a client can ask a server for): the ONNX
+# graph a UNet entry serves (for _trt, the graph its plan was built from), and the sampler's `meddpm` copy;
+# each is the `sha256` of a manifest entry.
+ONNX_SHA256, PACKAGE_SHA256 = "onnx_sha256", "package_sha256"
+MANIFEST_ENTRY = {ONNX_SHA256: "onnx", PACKAGE_SHA256: "sampler_package"}
+SAMPLER_PACKAGE = "meddpm"  # the folder beside the sampler's model.py
 
 
 @dataclasses.dataclass
@@ -74,6 +80,9 @@ def _load(folder: Path) -> ServedModel:
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
         preset = Preset.from_dict(manifest["preset"]["name"], manifest["preset"], source=str(manifest_path))
+        for entry in MANIFEST_ENTRY.values():
+            if not isinstance(manifest[entry]["sha256"], str):
+                raise TypeError(f"{entry} sha256 is not a string")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelError(f"{manifest_path}: unreadable manifest ({error}); re-run `python -m export`") from None
     model = ServedModel(folder.name, folder, preset, manifest)

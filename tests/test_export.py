@@ -12,9 +12,9 @@ import torch
 
 from export import onnx_graph, repository
 from export.cli import main as export_main
-from meddpm.checkpoint import save_meddpm_checkpoint
+from meddpm.checkpoint import save_meddpm_checkpoint, sha256_of
 from meddpm.errors import ExportVerificationError
-from meddpm.served_model import find_model
+from meddpm.served_model import ONNX_SHA256, PACKAGE_SHA256, find_model
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, AttentionBlock, ConditionalDenoiser, build_unet, timestep_embedding
 from tests.conftest import REPO, randomise
 
@@ -110,6 +110,13 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
 
     manifest = json.loads((repo / "meddpm_tiny" / "1" / "manifest.json").read_text())
     assert manifest["checkpoint"]["file"] == "tiny.pt" and len(manifest["checkpoint"]["sha256"]) == 64
+    # The hashes of what runs: in the manifest, and in each config for a server's client and the server itself
+    onnx_sha256 = sha256_of(repo / "meddpm_tiny" / "1" / "model.onnx")
+    package_sha256 = sha256_of(repo / "meddpm_tiny_sampler" / "1" / "meddpm")
+    assert manifest["onnx"]["sha256"] == onnx_sha256 and manifest["sampler_package"]["sha256"] == package_sha256
+    for entry in ("meddpm_tiny", "meddpm_tiny_cpu"):
+        assert repository.parse_config(repo / entry / "config.pbtxt").parameters[ONNX_SHA256].string_value == onnx_sha256
+    assert sampler.parameters[PACKAGE_SHA256].string_value == package_sha256
     assert manifest["verification"]["passed"] and manifest["versions"]["torch"].startswith("2.13")
     served = find_model(repo)
     assert served.name == "meddpm_tiny" and served.preset == presets["tiny"]
@@ -148,22 +155,35 @@ def test_tensorrt_plan_without_tensorrt_says_how(presets, test_presets_file, tmp
 
 
 @pytest.mark.parametrize("entry", ["meddpm_demo", "meddpm_demo_cpu", "meddpm_demo_sampler"])
-def test_committed_configs_are_what_export_writes(entry):
-    from meddpm.presets import get_preset
-
-    if entry.endswith("_sampler"):
-        config = repository.sampler_config(entry, get_preset("demo"), ["meddpm_demo", "meddpm_demo_cpu"], 4)
-    else:
-        config = repository.model_config(entry, get_preset("demo"), "cpu" if entry.endswith("_cpu") else "onnx", 4)
-    expected = repository.config_text(config)
-    assert (REPO / "model_repository" / entry / "config.pbtxt").read_text() == expected
+def test_committed_configs_are_what_export_writes(demo_repository, entry):
+    """Less the export's hashes: the sampler's changes with any edit of meddpm/, the graph's with torch's version."""
+    config = repository.parse_config(demo_repository / entry / "config.pbtxt")
+    hashes = [key for key in (ONNX_SHA256, PACKAGE_SHA256) if key in config.parameters]
+    assert len(hashes) == 1
+    del config.parameters[hashes[0]]
+    assert (REPO / "model_repository" / entry / "config.pbtxt").read_text() == repository.config_text(config)
     assert (REPO / "model_repository" / entry / "1" / ".gitkeep").exists()
+
+
+def test_tree_hash_covers_names_and_contents_not_pycache(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("a = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("b = 2\n")
+    first = sha256_of(tmp_path / "pkg")
+    (tmp_path / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"cache")
+    assert sha256_of(tmp_path / "pkg") == first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("b = 3\n")
+    assert sha256_of(tmp_path / "pkg") != first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("b = 2\n")
+    (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "c.py")
+    assert sha256_of(tmp_path / "pkg") != first
 
 
 def test_tensorrt_accelerator_option():
     from meddpm.presets import get_preset
 
-    config = repository.model_config("m", get_preset("whole-head"), "onnx", 2, tensorrt_accelerator=True)
+    config = repository.model_config("m", get_preset("whole-head"), "onnx", 2, "0" * 64, tensorrt_accelerator=True)
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
     assert list(config.input[0].dims) == [1, 128, 128, 128]
