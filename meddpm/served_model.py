@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from meddpm.checkpoint import sha256_of
 from meddpm.errors import ConfigurationError, ModelError
 from meddpm.presets import Preset
 from meddpm.unet import INPUT_NAMES
@@ -32,10 +33,15 @@ class ServedModel:
     folder: Path
     preset: Preset
     manifest: dict
+    verified: dict[str, str] = dataclasses.field(default_factory=dict)  # hashes checked before the first step
 
     @property
     def onnx_path(self) -> Path:
         return self.folder / "1" / "model.onnx"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "1" / MANIFEST
 
 
 def find_model(repository: Path, name: str | None = None, expected_preset: str | None = None) -> ServedModel:
@@ -87,6 +93,7 @@ def _load(folder: Path) -> ServedModel:
         raise ModelError(f"{manifest_path}: unreadable manifest ({error}); re-run `python -m export`") from None
     model = ServedModel(folder.name, folder, preset, manifest)
     _check_graph(model)
+    _check_onnx_hash(model)
     return model
 
 
@@ -106,3 +113,15 @@ def _check_graph(model: ServedModel) -> None:
                 f"needs [batch, {channels}, depth, height, width]; the graph and manifest do not belong together: "
                 f"re-run `python -m export`"
             )
+
+
+def _check_onnx_hash(model: ServedModel) -> None:
+    """The graph must be the one exported: a file changed since (weights edited, copied over) is refused."""
+    found, expected = sha256_of(model.onnx_path), model.manifest["onnx"]["sha256"]
+    if found != expected:
+        raise ModelError(
+            f"{model.onnx_path}: SHA-256 {found}, but {model.manifest_path} states {expected}: the graph changed "
+            f"after export (weights edited, or another file copied over it); re-run `python -m export` to export "
+            f"and verify the model again"
+        )
+    model.verified[str(model.onnx_path)] = found

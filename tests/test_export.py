@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import onnx
@@ -13,10 +14,10 @@ import torch
 from export import onnx_graph, repository
 from export.cli import main as export_main
 from meddpm.checkpoint import save_meddpm_checkpoint, sha256_of
-from meddpm.errors import ExportVerificationError
+from meddpm.errors import ExportVerificationError, ModelError
 from meddpm.served_model import ONNX_SHA256, PACKAGE_SHA256, find_model
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, AttentionBlock, ConditionalDenoiser, build_unet, timestep_embedding
-from tests.conftest import REPO, randomise
+from tests.conftest import REPO, edit_weights, randomise
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,21 @@ def test_committed_configs_are_what_export_writes(demo_repository, entry):
     del config.parameters[hashes[0]]
     assert (REPO / "model_repository" / entry / "config.pbtxt").read_text() == repository.config_text(config)
     assert (REPO / "model_repository" / entry / "1" / ".gitkeep").exists()
+
+
+def test_a_graph_changed_after_export_is_refused_naming_both_hashes(demo_repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repository, repo)
+    path = repo / "meddpm_demo" / "1" / "model.onnx"
+    exported = sha256_of(path)
+    edit_weights(path)
+    with pytest.raises(ModelError) as error:
+        find_model(repo)
+    message = str(error.value)
+    assert f"SHA-256 {sha256_of(path)}, but {path.parent / 'manifest.json'} states {exported}" in message
+    assert "re-run `python -m export`" in message
+    path.write_bytes((demo_repository / "meddpm_demo" / "1" / "model.onnx").read_bytes())
+    assert find_model(repo).verified == {str(path): exported}
 
 
 def test_tree_hash_covers_names_and_contents_not_pycache(tmp_path):
