@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-
-import onnx
 
 from meddpm.checkpoint import sha256_of
 from meddpm.errors import ConfigurationError, ModelError
@@ -42,6 +41,18 @@ class ServedModel:
     @property
     def manifest_path(self) -> Path:
         return self.folder / "1" / MANIFEST
+
+    def check_served_hash(self, parameters: Mapping, parameter: str, where: str) -> None:
+        """A served config's `parameters` must record the manifest's hash (ONNX_SHA256 or PACKAGE_SHA256)."""
+        expected = self.manifest[MANIFEST_ENTRY[parameter]]["sha256"]
+        found = parameters[parameter].string_value if parameter in parameters else None
+        if found != expected:
+            raise ModelError(
+                f"{where} records {parameter} {found or 'none'} in its config, but {self.manifest_path} states "
+                f"{expected}: the server serves another export than -m holds; serve the repository that "
+                f"`python -m export` wrote with this manifest (re-run the export for both), or point -m at it"
+            )
+        self.verified[f"{where}, config parameter {parameter}"] = found
 
 
 def find_model(repository: Path, name: str | None = None, expected_preset: str | None = None) -> ServedModel:
@@ -99,6 +110,8 @@ def _load(folder: Path) -> ServedModel:
 
 def _check_graph(model: ServedModel) -> None:
     """The graph's inputs must have the channel counts the preset feeds it."""
+    import onnx  # here: the server-side loop imports this module where onnx is not installed
+
     try:
         graph = onnx.load(str(model.onnx_path), load_external_data=False).graph
     except Exception as error:
