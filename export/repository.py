@@ -105,10 +105,6 @@ def config_text(config: mc.ModelConfig) -> str:
     return "# Written by `python -m export`; edit the export options rather than this file.\n" + text_format.MessageToString(config)
 
 
-def parse_config(path: Path) -> mc.ModelConfig:
-    return text_format.Parse(path.read_text(), mc.ModelConfig())
-
-
 def package_versions() -> dict[str, str]:
     versions = {}
     for package in VERSIONS_RECORDED:

@@ -6,11 +6,15 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meddpm.checkpoint import sha256_of
 from meddpm.errors import ConfigurationError, ModelError
 from meddpm.presets import Preset
 from meddpm.unet import INPUT_NAMES
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as mc
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
@@ -75,6 +79,9 @@ def find_model(repository: Path, name: str | None = None, expected_preset: str |
     name = _base_name(name)
     if name not in models:
         raise ConfigurationError(f"model '{name}' is not in {repository}; available: {', '.join(models)}")
+    for entry in entries:  # the model's entries, as Triton would load them
+        if _base_name(entry) == name:
+            read_config(repository / entry)
     model = _load(repository / name)
     if expected_preset and model.preset.name != expected_preset:
         raise ModelError(
@@ -82,6 +89,25 @@ def find_model(repository: Path, name: str | None = None, expected_preset: str |
             f"pick the matching model with --model-name or drop --preset"
         )
     return model
+
+
+def read_config(folder: Path) -> mc.ModelConfig:
+    """A repository entry's config.pbtxt; its model name must be the folder's, or Triton refuses to load it."""
+    from google.protobuf import text_format  # here: the server-side loop imports this module, maybe without them
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    path = folder / "config.pbtxt"
+    try:
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    except (OSError, text_format.ParseError) as error:
+        raise ModelError(f"{path}: unreadable model config ({error}); re-run `python -m export`") from None
+    if config.name and config.name != folder.name:
+        raise ModelError(
+            f"{path}: names the model '{config.name}', but its folder is '{folder.name}', and Triton loads a model "
+            f"only from the folder of its name; rename the folder back to '{config.name}', or export the model under "
+            f"the new name (`python -m export --name {_base_name(folder.name)} ...`)"
+        )
+    return config
 
 
 def _base_name(name: str) -> str:

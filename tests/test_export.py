@@ -15,7 +15,7 @@ from export import onnx_graph, repository
 from export.cli import main as export_main
 from meddpm.checkpoint import save_meddpm_checkpoint, sha256_of
 from meddpm.errors import ExportVerificationError, ModelError
-from meddpm.served_model import ONNX_SHA256, PACKAGE_SHA256, find_model
+from meddpm.served_model import ONNX_SHA256, PACKAGE_SHA256, find_model, read_config
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, AttentionBlock, ConditionalDenoiser, build_unet, timestep_embedding
 from tests.conftest import REPO, edit_weights, randomise
 
@@ -92,7 +92,7 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
     assert "PASSED: max relative error" in out and "max abs error" in out
 
     for entry in ("meddpm_tiny", "meddpm_tiny_cpu"):
-        config = repository.parse_config(repo / entry / "config.pbtxt")
+        config = read_config(repo / entry)
         assert config.name == entry and config.max_batch_size == 3
         graph = onnx.load(str(repo / entry / "1" / "model.onnx")).graph
         graph_inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim][1:] for i in graph.input}
@@ -102,9 +102,9 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
                 assert list(tensor.dims)[0] == graph_inputs[tensor.name][0]
                 assert list(tensor.dims)[1:] == list(presets["tiny"].image.grid)
         assert [o.name for o in config.output] == [o.name for o in graph.output]
-    assert repository.parse_config(repo / "meddpm_tiny_cpu" / "config.pbtxt").backend == "python"
+    assert read_config(repo / "meddpm_tiny_cpu").backend == "python"
     assert (repo / "meddpm_tiny_cpu" / "1" / "model.py").is_file()
-    sampler = repository.parse_config(repo / "meddpm_tiny_sampler" / "config.pbtxt")
+    sampler = read_config(repo / "meddpm_tiny_sampler")
     assert sampler.model_transaction_policy.decoupled and sampler.parameters["unet_models"].string_value == \
         "meddpm_tiny,meddpm_tiny_cpu"
     assert (repo / "meddpm_tiny_sampler" / "1" / "meddpm" / "sampling.py").is_file()  # the app's own loop
@@ -116,7 +116,7 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
     package_sha256 = sha256_of(repo / "meddpm_tiny_sampler" / "1" / "meddpm")
     assert manifest["onnx"]["sha256"] == onnx_sha256 and manifest["sampler_package"]["sha256"] == package_sha256
     for entry in ("meddpm_tiny", "meddpm_tiny_cpu"):
-        assert repository.parse_config(repo / entry / "config.pbtxt").parameters[ONNX_SHA256].string_value == onnx_sha256
+        assert read_config(repo / entry).parameters[ONNX_SHA256].string_value == onnx_sha256
     assert sampler.parameters[PACKAGE_SHA256].string_value == package_sha256
     assert manifest["verification"]["passed"] and manifest["versions"]["torch"].startswith("2.13")
     served = find_model(repo)
@@ -158,7 +158,7 @@ def test_tensorrt_plan_without_tensorrt_says_how(presets, test_presets_file, tmp
 @pytest.mark.parametrize("entry", ["meddpm_demo", "meddpm_demo_cpu", "meddpm_demo_sampler"])
 def test_committed_configs_are_what_export_writes(demo_repository, entry):
     """Less the export's hashes: the sampler's changes with any edit of meddpm/, the graph's with torch's version."""
-    config = repository.parse_config(demo_repository / entry / "config.pbtxt")
+    config = read_config(demo_repository / entry)
     hashes = [key for key in (ONNX_SHA256, PACKAGE_SHA256) if key in config.parameters]
     assert len(hashes) == 1
     del config.parameters[hashes[0]]

@@ -235,6 +235,20 @@ def test_a_server_serving_another_export_is_refused_naming_both_hashes(triton, m
         TritonDenoiser(triton.url, other)
 
 
+def test_a_config_named_unlike_its_folder_is_refused_naming_both(demo_repository, tmp_path):
+    repository = tmp_path / "models"
+    shutil.copytree(demo_repository, repository)
+    config = repository / "meddpm_demo_cpu" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "meddpm_demo_cpu"', 'name: "meddpm_demo2_cpu"'))
+    expected = (f"{config}: names the model 'meddpm_demo2_cpu', but its folder is 'meddpm_demo_cpu'.*rename the "
+                f"folder back to 'meddpm_demo2_cpu', or export the model under the new name "
+                f"\\(`python -m export --name meddpm_demo ")
+    with pytest.raises(ModelError, match=expected):  # before the server starts, rather than its exit code
+        LocalTriton(repository)
+    with pytest.raises(ModelError, match=expected):  # the app, before any step (in process too)
+        find_model(repository)
+
+
 def test_an_unloaded_model_is_waited_for_then_reported(own_triton, model, reference):
     client = grpcclient.InferenceServerClient(own_triton.url)
     client.unload_model("meddpm_demo_cpu")
