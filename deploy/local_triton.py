@@ -24,8 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from meddpm.errors import ConfigurationError, ServerError
-from meddpm.served_model import CPU_SUFFIX, MANIFEST, SAMPLER_SUFFIX
+from meddpm.errors import ConfigurationError, ModelError, ServerError
+from meddpm.served_model import CPU_SUFFIX, MANIFEST, SAMPLER_SUFFIX, read_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-triton"
@@ -63,6 +63,8 @@ class LocalTriton:
             raise ConfigurationError(
                 f"{self.repository}: no exported <name>{CPU_SUFFIX} model to serve; run `python -m export` into it first"
             )
+        for name in self.models:  # a config the server would refuse stops it at start, its reason only in its log
+            read_config(self.repository / name)
 
     @property
     def url(self) -> str:
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = LocalTriton(args.repository, args.venv, args.grpc_port, args.http_port,
                              log_path=Path(f"tritonserver-{args.grpc_port}.log")).start()
-    except (ConfigurationError, ServerError) as error:
+    except (ConfigurationError, ModelError, ServerError) as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     print(f"Triton ready: gRPC {server.url}, models {', '.join(server.models)}; log {server.log_path}. "

@@ -13,7 +13,7 @@ from export import onnx_graph, repository, tensorrt_plan
 from meddpm.checkpoint import load_checkpoint, sha256_of
 from meddpm.errors import MedDDPMError
 from meddpm.presets import get_preset
-from meddpm.served_model import CPU_SUFFIX, MANIFEST_FORMAT, SAMPLER_SUFFIX, TRT_SUFFIX
+from meddpm.served_model import CPU_SUFFIX, MANIFEST_FORMAT, SAMPLER_PACKAGE, SAMPLER_SUFFIX, TRT_SUFFIX
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, ConditionalDenoiser
 
 log = logging.getLogger("export")
@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     preset = get_preset(args.preset, args.presets)
-    name = args.name or "meddpm_" + preset.name.replace("-", "_")
+    name = args.name if args.name is not None else "meddpm_" + preset.name.replace("-", "_")
+    repository.check_model_name(name)
     loaded = load_checkpoint(args.checkpoint, preset, args.schedule_file)
     log.info("loaded %s (layout '%s', schedule %s)", args.checkpoint.name, loaded.layout,
              "checked" if loaded.schedule_checked else "not stored in the checkpoint")
@@ -58,26 +59,30 @@ def run(args: argparse.Namespace) -> dict:
             "onnx": {"file": "model.onnx", "sha256": sha256_of(onnx_path), "opset": onnx_graph.OPSET,
                      "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME,
                      "grid_multiple": preset.unet.downsample_factor},
+            "sampler_package": {"folder": SAMPLER_PACKAGE, "sha256": sha256_of(repository.MEDDPM_PACKAGE)},
             "verification": verification.to_dict(),
             "versions": repository.package_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
+        onnx_sha256 = manifest["onnx"]["sha256"]
         entries = {
-            name: (repository.model_config(name, preset, "onnx", args.max_batch_size, args.tensorrt_accelerator),
+            name: (repository.model_config(name, preset, "onnx", args.max_batch_size, onnx_sha256,
+                                           args.tensorrt_accelerator),
                    {"model.onnx": onnx_path}),
-            name + CPU_SUFFIX: (repository.model_config(name + CPU_SUFFIX, preset, "cpu", args.max_batch_size),
-                                           {"model.onnx": onnx_path, "model.py": repository.PYTHON_MODEL_SOURCE}),
+            name + CPU_SUFFIX: (repository.model_config(name + CPU_SUFFIX, preset, "cpu", args.max_batch_size, onnx_sha256),
+                                {"model.onnx": onnx_path, "model.py": repository.PYTHON_MODEL_SOURCE}),
         }
         if args.tensorrt_plan:
             plan_path = Path(work) / "model.plan"
             tensorrt_plan.build_plan(onnx_path, plan_path, preset, args.max_batch_size)
             entries[name + TRT_SUFFIX] = (
-                repository.model_config(name + TRT_SUFFIX, preset, "plan", args.max_batch_size),
+                repository.model_config(name + TRT_SUFFIX, preset, "plan", args.max_batch_size, onnx_sha256),
                 {"model.plan": plan_path},
             )
         entries[name + SAMPLER_SUFFIX] = (  # the loop on the server, calling any of the UNet entries
-            repository.sampler_config(name + SAMPLER_SUFFIX, preset, list(entries), args.max_batch_size),
-            {"model.py": repository.SAMPLER_MODEL_SOURCE, "meddpm": repository.MEDDPM_PACKAGE},
+            repository.sampler_config(name + SAMPLER_SUFFIX, preset, list(entries), args.max_batch_size,
+                                      manifest["sampler_package"]["sha256"]),
+            {"model.py": repository.SAMPLER_MODEL_SOURCE, SAMPLER_PACKAGE: repository.MEDDPM_PACKAGE},
         )
         for entry_name, (config, files) in entries.items():
             path = repository.write_entry(args.repository, entry_name, config, files, manifest)

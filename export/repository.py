@@ -7,14 +7,17 @@ For a model NAME the repository gets:
 - NAME_trt/  a TensorRT plan, only when asked for and TensorRT is installed;
 - NAME_sampler/  the whole sampling loop (python backend, decoupled), calling NAME or NAME_cpu through BLS;
              its version folder holds a copy of the `meddpm` package, so the server runs the app's own loop.
-Each version folder holds `manifest.json`: the preset, the source checkpoint's hash, package versions and
-the verification figures, so that a client knows exactly what it serves.
+Each version folder holds `manifest.json`: the preset, the source checkpoint's hash, the hashes of the graph and
+of the sampler's `meddpm` copy, package versions and the verification figures, so that a client knows exactly
+what it serves. Each config.pbtxt records the hash of what its entry runs (ONNX_SHA256, PACKAGE_SHA256), for a
+client to compare with its manifest and for the python-backend entries to check their files against at load.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -23,8 +26,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from meddpm.atomic import staged_folder, write_text
+from meddpm.errors import ConfigurationError
 from meddpm.presets import Preset
-from meddpm.served_model import MANIFEST
+from meddpm.served_model import MANIFEST, ONNX_SHA256, PACKAGE_SHA256, VARIANT_SUFFIXES
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
 
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
@@ -32,10 +36,23 @@ SAMPLER_MODEL_SOURCE = Path(__file__).with_name("triton_sampler_model.py")
 MEDDPM_PACKAGE = Path(__file__).resolve().parents[1] / "meddpm"
 SAMPLER_INSTANCES = 2
 VERSIONS_RECORDED = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers", "meddpm-deploy")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
-def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, tensorrt_accelerator: bool = False) -> mc.ModelConfig:
-    """The config of one repository entry; kind is "onnx", "cpu" (python backend) or "plan"."""
+def check_model_name(name: str) -> None:
+    """A model name must be one plain folder name of the repository, not a variant's."""
+    if not MODEL_NAME.fullmatch(name) or name.endswith(VARIANT_SUFFIXES):
+        raise ConfigurationError(
+            f"model name '{name}' is not a plain model name; use ASCII letters, digits, '_', '-' and '.' (not first), "
+            f"no path separators, and no ending in {', '.join(VARIANT_SUFFIXES)} (the export adds those): "
+            f"e.g. --name meddpm_whole_head"
+        )
+
+
+def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, onnx_sha256: str,
+                 tensorrt_accelerator: bool = False) -> mc.ModelConfig:
+    """The config of one UNet entry; kind is "onnx", "cpu" (python backend) or "plan" (built from the graph
+    whose hash is `onnx_sha256`)."""
     config = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
     if kind == "onnx":
         config.platform = "onnxruntime_onnx"
@@ -58,6 +75,7 @@ def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, tens
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU if kind == "cpu" else mc.ModelInstanceGroup.KIND_GPU)
     if kind == "cpu":
         config.parameters["onnx_file"].string_value = "model.onnx"
+    config.parameters[ONNX_SHA256].string_value = onnx_sha256
     if tensorrt_accelerator:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters["precision_mode"] = "FP16"
@@ -66,7 +84,8 @@ def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, tens
     return config
 
 
-def sampler_config(name: str, preset: Preset, unet_models: list[str], unet_max_batch_size: int) -> mc.ModelConfig:
+def sampler_config(name: str, preset: Preset, unet_models: list[str], unet_max_batch_size: int,
+                   package_sha256: str) -> mc.ModelConfig:
     """The server-side loop: one condition in, progress per step and the volumes out (decoupled)."""
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     grid = list(preset.image.grid)
@@ -78,15 +97,12 @@ def sampler_config(name: str, preset: Preset, unet_models: list[str], unet_max_b
     config.instance_group.add(count=SAMPLER_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)
     config.parameters["unet_models"].string_value = ",".join(unet_models)
     config.parameters["unet_max_batch_size"].string_value = str(unet_max_batch_size)
+    config.parameters[PACKAGE_SHA256].string_value = package_sha256
     return config
 
 
 def config_text(config: mc.ModelConfig) -> str:
     return "# Written by `python -m export`; edit the export options rather than this file.\n" + text_format.MessageToString(config)
-
-
-def parse_config(path: Path) -> mc.ModelConfig:
-    return text_format.Parse(path.read_text(), mc.ModelConfig())
 
 
 def package_versions() -> dict[str, str]:

@@ -2,9 +2,11 @@
 
 `python -m export` copies this file to `<name>_cpu/1/model.py`, beside `model.onnx`. It serves the same
 tensors under the same names as the ONNX Runtime backend entry, for Triton servers without that backend.
-Requests that Triton's dynamic batcher groups are run as one ONNX Runtime call.
+Requests that Triton's dynamic batcher groups are run as one ONNX Runtime call. It refuses to load a graph
+whose SHA-256 is not the one its config records (`onnx_sha256`, written by the export).
 """
 
+import hashlib
 import json
 import os
 
@@ -13,11 +15,26 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
+def check_sha256(path, expected):
+    """The graph must be the exported one (this file travels alone: meddpm.checkpoint.sha256_of is not here)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:  # in blocks: hashlib.file_digest needs Python 3.11, a Triton image's may be older
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    found = digest.hexdigest()
+    if found != expected:
+        raise pb_utils.TritonModelException(
+            f"{path}: SHA-256 {found}, but config.pbtxt records onnx_sha256 {expected or 'none'}: the graph changed "
+            f"after export (weights edited, or another file copied over it); re-run `python -m export` into this "
+            f"model repository and load the model again")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         onnx_file = config["parameters"]["onnx_file"]["string_value"]
         path = os.path.join(args["model_repository"], args["model_version"], onnx_file)
+        check_sha256(path, config["parameters"].get("onnx_sha256", {}).get("string_value"))
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_name = config["output"][0]["name"]
         self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -7,7 +7,8 @@ model's manifest beside it: the loop is `meddpm.sampling.sample`, the one the ap
 A request carries one condition (L, D, H, W) and the parameters scheduler, steps, seed, samples and unet_model
 (sample i uses seed + i, as in the app). The model is decoupled: one response per step with `progress`
 [done, total], then a final one with `image` (samples, C, D, H, W). A cancelled request stops before its next
-step; any error ends the request with a final response that carries the error.
+step; any error ends the request with a final response that carries the error. It refuses to load when the
+`meddpm` copy's tree hash is not the one its config records (`package_sha256`, written by the export).
 """
 
 import json
@@ -15,15 +16,18 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the meddpm copied beside this file, not another
+from meddpm.checkpoint import sha256_of  # noqa: E402
 from meddpm.denoisers import Denoiser  # noqa: E402
 from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError, ServerError  # noqa: E402
 from meddpm.presets import Preset  # noqa: E402
 from meddpm.sampling import sample  # noqa: E402
+from meddpm.served_model import PACKAGE_SHA256, SAMPLER_PACKAGE  # noqa: E402
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -72,6 +76,13 @@ class TritonPythonModel:
         self.unet_models = parameters["unet_models"].split(",")
         self.unet_max_batch_size = int(parameters["unet_max_batch_size"])
         folder = os.path.join(args["model_repository"], args["model_version"])
+        package = Path(folder, SAMPLER_PACKAGE)
+        found, expected = sha256_of(package), parameters.get(PACKAGE_SHA256)
+        if found != expected:
+            raise pb_utils.TritonModelException(
+                f"{package}: tree SHA-256 {found}, but config.pbtxt records {PACKAGE_SHA256} {expected or 'none'}: "
+                f"the package changed after export; re-run `python -m export` into this model repository and load "
+                f"the model again")
         with open(os.path.join(folder, "manifest.json")) as file:
             manifest = json.load(file)
         self.preset = Preset.from_dict(manifest["preset"]["name"], manifest["preset"], source="manifest.json")

@@ -52,6 +52,7 @@ def load_checkpoint(path: str | os.PathLike, preset: Preset, schedule_file: str 
 
     unet = build_unet(preset)
     _check_tensors(path, preset, unet_state, unet)
+    _check_finite(path, unet_state)
     unet.load_state_dict(unet_state)
     unet.eval()
     _check_schedule(path, preset, schedule)
@@ -69,11 +70,14 @@ def save_meddpm_checkpoint(path: str | os.PathLike, unet: MedDDPMUNet, preset: P
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, or of a folder as a tree: each file's relative path and hash, sorted by path
+    (__pycache__ left out: Python writes it where the package runs)."""
+    if not path.is_dir():
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                   if p.is_file() and "__pycache__" not in p.relative_to(path).parts)
+    return hashlib.sha256("".join(f"{name}\0{sha256_of(path / name)}\n" for name in files).encode()).hexdigest()
 
 
 def _read(path: Path) -> object:
@@ -151,6 +155,16 @@ def _check_tensors(path: Path, preset: Preset, found: dict[str, torch.Tensor], u
     raise CheckpointError(
         f"{path}: {len(wrong_shape)} tensor shapes differ from preset '{preset.name}': {shown}{hint}"
     )
+
+
+def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """NaN or infinite weights make every output NaN; refuse them before anything is exported."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {', '.join(bad[:_SHOWN])}); the weights "
+            f"are corrupt or the training diverged: use an earlier checkpoint of the run, or the file as released"
+        )
 
 
 def _fits(preset: Preset, shapes: dict[str, tuple]) -> bool:

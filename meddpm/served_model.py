@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-
+from meddpm.checkpoint import sha256_of
 from meddpm.errors import ConfigurationError, ModelError
 from meddpm.presets import Preset
 from meddpm.unet import INPUT_NAMES
 
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as mc
+
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 # Other entries exported for the same model (see export/repository.py): the graph on the python backend, a
 # TensorRT plan, the server-side sampling loop.
 CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX = "_cpu", "_trt", "_sampler"
 VARIANT_SUFFIXES = (CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX)
+# The export's hashes in each entry's config.pbtxt `parameters` (what a client can ask a server for): the ONNX
+# graph a UNet entry serves (for _trt, the graph its plan was built from), and the sampler's `meddpm` copy;
+# each is the `sha256` of a manifest entry.
+ONNX_SHA256, PACKAGE_SHA256 = "onnx_sha256", "package_sha256"
+MANIFEST_ENTRY = {ONNX_SHA256: "onnx", PACKAGE_SHA256: "sampler_package"}
+SAMPLER_PACKAGE = "meddpm"  # the folder beside the sampler's model.py
 
 
 @dataclasses.dataclass
@@ -26,10 +36,27 @@ class ServedModel:
     folder: Path
     preset: Preset
     manifest: dict
+    verified: dict[str, str] = dataclasses.field(default_factory=dict)  # hashes checked before the first step
 
     @property
     def onnx_path(self) -> Path:
         return self.folder / "1" / "model.onnx"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "1" / MANIFEST
+
+    def check_served_hash(self, parameters: Mapping, parameter: str, where: str) -> None:
+        """A served config's `parameters` must record the manifest's hash (ONNX_SHA256 or PACKAGE_SHA256)."""
+        expected = self.manifest[MANIFEST_ENTRY[parameter]]["sha256"]
+        found = parameters[parameter].string_value if parameter in parameters else None
+        if found != expected:
+            raise ModelError(
+                f"{where} records {parameter} {found or 'none'} in its config, but {self.manifest_path} states "
+                f"{expected}: the server serves another export than -m holds; serve the repository that "
+                f"`python -m export` wrote with this manifest (re-run the export for both), or point -m at it"
+            )
+        self.verified[f"{where}, config parameter {parameter}"] = found
 
 
 def find_model(repository: Path, name: str | None = None, expected_preset: str | None = None) -> ServedModel:
@@ -52,6 +79,9 @@ def find_model(repository: Path, name: str | None = None, expected_preset: str |
     name = _base_name(name)
     if name not in models:
         raise ConfigurationError(f"model '{name}' is not in {repository}; available: {', '.join(models)}")
+    for entry in entries:  # the model's entries, as Triton would load them
+        if _base_name(entry) == name:
+            read_config(repository / entry)
     model = _load(repository / name)
     if expected_preset and model.preset.name != expected_preset:
         raise ModelError(
@@ -59,6 +89,25 @@ def find_model(repository: Path, name: str | None = None, expected_preset: str |
             f"pick the matching model with --model-name or drop --preset"
         )
     return model
+
+
+def read_config(folder: Path) -> mc.ModelConfig:
+    """A repository entry's config.pbtxt; its model name must be the folder's, or Triton refuses to load it."""
+    from google.protobuf import text_format  # here: the server-side loop imports this module, maybe without them
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    path = folder / "config.pbtxt"
+    try:
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    except (OSError, text_format.ParseError) as error:
+        raise ModelError(f"{path}: unreadable model config ({error}); re-run `python -m export`") from None
+    if config.name and config.name != folder.name:
+        raise ModelError(
+            f"{path}: names the model '{config.name}', but its folder is '{folder.name}', and Triton loads a model "
+            f"only from the folder of its name; rename the folder back to '{config.name}', or export the model under "
+            f"the new name (`python -m export --name {_base_name(folder.name)} ...`)"
+        )
+    return config
 
 
 def _base_name(name: str) -> str:
@@ -74,15 +123,21 @@ def _load(folder: Path) -> ServedModel:
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
         preset = Preset.from_dict(manifest["preset"]["name"], manifest["preset"], source=str(manifest_path))
+        for entry in MANIFEST_ENTRY.values():
+            if not isinstance(manifest[entry]["sha256"], str):
+                raise TypeError(f"{entry} sha256 is not a string")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelError(f"{manifest_path}: unreadable manifest ({error}); re-run `python -m export`") from None
     model = ServedModel(folder.name, folder, preset, manifest)
     _check_graph(model)
+    _check_onnx_hash(model)
     return model
 
 
 def _check_graph(model: ServedModel) -> None:
     """The graph's inputs must have the channel counts the preset feeds it."""
+    import onnx  # here: the server-side loop imports this module where onnx is not installed
+
     try:
         graph = onnx.load(str(model.onnx_path), load_external_data=False).graph
     except Exception as error:
@@ -97,3 +152,15 @@ def _check_graph(model: ServedModel) -> None:
                 f"needs [batch, {channels}, depth, height, width]; the graph and manifest do not belong together: "
                 f"re-run `python -m export`"
             )
+
+
+def _check_onnx_hash(model: ServedModel) -> None:
+    """The graph must be the one exported: a file changed since (weights edited, copied over) is refused."""
+    found, expected = sha256_of(model.onnx_path), model.manifest["onnx"]["sha256"]
+    if found != expected:
+        raise ModelError(
+            f"{model.onnx_path}: SHA-256 {found}, but {model.manifest_path} states {expected}: the graph changed "
+            f"after export (weights edited, or another file copied over it); re-run `python -m export` to export "
+            f"and verify the model again"
+        )
+    model.verified[str(model.onnx_path)] = found

@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException
 
 from meddpm.denoisers import Denoiser, NoisePredictor
 from meddpm.errors import ConfigurationError, ModelError, ServerError
-from meddpm.served_model import ServedModel
+from meddpm.served_model import ONNX_SHA256, ServedModel
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ class TritonDenoiser(Denoiser):
         return ", ".join(f"{m.name} {m.state or 'UNLOADED'}" for m in index) or "no models"
 
     def _check_served_model(self) -> int:
-        """The served model's tensors must be the ones the local preset feeds; returns its max batch size."""
+        """The served model's tensors must be the ones the local preset feeds, and its config must record the
+        manifest's graph hash; returns its max batch size."""
         config = self._call(lambda: self.client.get_model_config(self.served_name, client_timeout=PROBE_TIMEOUT_S)).config
         preset = self.model.preset
         grid = list(preset.image.grid)
@@ -144,6 +145,7 @@ class TritonDenoiser(Denoiser):
         if config.max_batch_size < 1:
             raise ModelError(f"Triton model '{self.served_name}' at {self.url} has max_batch_size "
                              f"{config.max_batch_size}; re-export it with `python -m export --max-batch-size N`")
+        self.model.check_served_hash(config.parameters, ONNX_SHA256, f"Triton model '{self.served_name}' at {self.url}")
         return config.max_batch_size
 
     def _choose_transport(self, asked: str) -> str:

@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError, ModelError, ServerError
 from meddpm.presets import ScheduleConfig
 from meddpm.sampling import Progress, check_steps
-from meddpm.served_model import SAMPLER_SUFFIX
+from meddpm.served_model import PACKAGE_SHA256, SAMPLER_SUFFIX
 from meddpm.triton_denoiser import PROBE_TIMEOUT_S, TritonDenoiser
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class TritonServerLoop:
         self.name = f"triton {self.sampler_name} (server-side loop, UNet {denoiser.served_name})"
         try:
             ready = denoiser.client.is_model_ready(self.sampler_name, client_timeout=PROBE_TIMEOUT_S)
+            if ready:
+                config = denoiser.client.get_model_config(self.sampler_name, client_timeout=PROBE_TIMEOUT_S).config
         except InferenceServerException as error:
             ready, why = False, error.message()
         else:
@@ -53,6 +55,8 @@ class TritonServerLoop:
                 f"(--load-model={self.sampler_name}; its python needs torch and diffusers, see deploy/README.md) "
                 f"or use --triton-loop client"
             )
+        denoiser.model.check_served_hash(config.parameters, PACKAGE_SHA256,
+                                         f"Triton model '{self.sampler_name}' at {denoiser.url}")
         log.info("Triton at %s: sampling loop on the server (%s calling %s)", denoiser.url, self.sampler_name,
                  denoiser.served_name)
 

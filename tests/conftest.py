@@ -100,6 +100,17 @@ def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
     return module
 
 
+def edit_weights(path: Path) -> None:
+    """Scale one weight of an exported graph in place, as an edit after export would."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path))
+    weight = graph.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    onnx.save(graph, str(path))
+
+
 def reference_keys() -> dict[str, dict[str, tuple[int, ...]]]:
     """{preset: {tensor name: shape}} from the reference list read off Med-DDPM's own code."""
     sections: dict[str, dict[str, tuple[int, ...]]] = {}

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from meddpm.checkpoint import sha256_of
 from meddpm.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
-from tests.conftest import REPO
+from tests.conftest import REPO, edit_weights
 
 pytestmark = pytest.mark.slow
 PATIENT = "Doe^Jane 1970-01-01"
@@ -74,6 +75,8 @@ def test_each_mask_is_synthesised_on_its_own_grid_and_a_bad_one_is_reported(demo
         record = json.loads((folder / "record.json").read_text())
         assert record["scheduler"] == "ddim" and record["steps"] == 10 and record["seeds"] == [5, 6]
         assert record["model"]["preset"]["name"] == "demo" and record["model"]["verification_passed"]
+        graph = demo_repository / "meddpm_demo" / "1" / "model.onnx"  # the hash of the file that ran
+        assert record["model"]["sha256_verified"] == {str(graph): sha256_of(graph)}
         assert record["backend"] == "onnxruntime" and record["timings_s"]["per_step"] > 0
         assert record["grid"]["exact"] == (name == "native")
         assert Image.open(folder / "preview.png").size[1] == 2 * 192
@@ -156,6 +159,20 @@ def test_manifest_that_does_not_match_the_graph(demo_repository, masks, tmp_path
     manifest_path.write_text(json.dumps(manifest))
     result = run_app("-i", masks, "-o", tmp_path / "out", "-m", repo)
     assert result.returncode == 5 and "do not belong together" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_graph_edited_after_export_is_refused_before_any_work(demo_repository, masks, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repository, repo)
+    graph = repo / "meddpm_demo" / "1" / "model.onnx"
+    exported = sha256_of(graph)
+    edit_weights(graph)
+    result = run_app("-i", masks / "native.nii.gz", "-o", tmp_path / "out", "-m", repo, "--steps", "2",
+                     "--scheduler", "ddim")
+    assert result.returncode == 5, result.stderr
+    assert f"SHA-256 {sha256_of(graph)}, but {graph.parent / 'manifest.json'} states {exported}" in result.stderr
+    assert "re-run `python -m export`" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

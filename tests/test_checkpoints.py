@@ -169,6 +169,23 @@ def test_shape_mismatch_message(presets, tmp_path):
         load_checkpoint(tmp_path / "wide.pt", presets["tiny"])
 
 
+def test_non_finite_weights_are_named_before_export(presets, test_presets_file, tmp_path, capsys):
+    from export.cli import main as export_main
+
+    unet = randomise(build_unet(presets["tiny"]))
+    with torch.no_grad():
+        unet.out[2].weight[0, 0, 0, 0, 0] = float("nan")
+        unet.input_blocks[0][0].bias[1] = float("inf")
+    save_meddpm_checkpoint(tmp_path / "diverged.pt", unet, presets["tiny"], step=9)
+    with pytest.raises(CheckpointError, match=r"diverged.pt: 2 tensor\(s\) hold NaN or infinite values \(e.g. "
+                                              r"input_blocks.0.0.bias, out.2.weight\)"):
+        load_checkpoint(tmp_path / "diverged.pt", presets["tiny"])
+    code = export_main(["--checkpoint", str(tmp_path / "diverged.pt"), "--preset", "tiny", "--presets",
+                        str(test_presets_file), "--repository", str(tmp_path / "repo")])
+    assert code == CheckpointError.exit_code and "NaN or infinite" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
 def test_schedule_mismatch_is_reported(tmp_path):
     released_checkpoint("whole-head", tmp_path / "linear.pt", schedule_betas=np.linspace(1e-4, 0.02, 250))
     with pytest.raises(CheckpointError, match="schedule buffer 'betas'.*differs from preset 'whole-head'"):

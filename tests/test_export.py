@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import onnx
@@ -12,11 +13,11 @@ import torch
 
 from export import onnx_graph, repository
 from export.cli import main as export_main
-from meddpm.checkpoint import save_meddpm_checkpoint
-from meddpm.errors import ExportVerificationError
-from meddpm.served_model import find_model
+from meddpm.checkpoint import save_meddpm_checkpoint, sha256_of
+from meddpm.errors import ExportVerificationError, ModelError
+from meddpm.served_model import ONNX_SHA256, PACKAGE_SHA256, find_model, read_config
 from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, AttentionBlock, ConditionalDenoiser, build_unet, timestep_embedding
-from tests.conftest import REPO, randomise
+from tests.conftest import REPO, edit_weights, randomise
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
     assert "PASSED: max relative error" in out and "max abs error" in out
 
     for entry in ("meddpm_tiny", "meddpm_tiny_cpu"):
-        config = repository.parse_config(repo / entry / "config.pbtxt")
+        config = read_config(repo / entry)
         assert config.name == entry and config.max_batch_size == 3
         graph = onnx.load(str(repo / entry / "1" / "model.onnx")).graph
         graph_inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim][1:] for i in graph.input}
@@ -101,15 +102,22 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
                 assert list(tensor.dims)[0] == graph_inputs[tensor.name][0]
                 assert list(tensor.dims)[1:] == list(presets["tiny"].image.grid)
         assert [o.name for o in config.output] == [o.name for o in graph.output]
-    assert repository.parse_config(repo / "meddpm_tiny_cpu" / "config.pbtxt").backend == "python"
+    assert read_config(repo / "meddpm_tiny_cpu").backend == "python"
     assert (repo / "meddpm_tiny_cpu" / "1" / "model.py").is_file()
-    sampler = repository.parse_config(repo / "meddpm_tiny_sampler" / "config.pbtxt")
+    sampler = read_config(repo / "meddpm_tiny_sampler")
     assert sampler.model_transaction_policy.decoupled and sampler.parameters["unet_models"].string_value == \
         "meddpm_tiny,meddpm_tiny_cpu"
     assert (repo / "meddpm_tiny_sampler" / "1" / "meddpm" / "sampling.py").is_file()  # the app's own loop
 
     manifest = json.loads((repo / "meddpm_tiny" / "1" / "manifest.json").read_text())
     assert manifest["checkpoint"]["file"] == "tiny.pt" and len(manifest["checkpoint"]["sha256"]) == 64
+    # The hashes of what runs: in the manifest, and in each config for a server's client and the server itself
+    onnx_sha256 = sha256_of(repo / "meddpm_tiny" / "1" / "model.onnx")
+    package_sha256 = sha256_of(repo / "meddpm_tiny_sampler" / "1" / "meddpm")
+    assert manifest["onnx"]["sha256"] == onnx_sha256 and manifest["sampler_package"]["sha256"] == package_sha256
+    for entry in ("meddpm_tiny", "meddpm_tiny_cpu"):
+        assert read_config(repo / entry).parameters[ONNX_SHA256].string_value == onnx_sha256
+    assert sampler.parameters[PACKAGE_SHA256].string_value == package_sha256
     assert manifest["verification"]["passed"] and manifest["versions"]["torch"].startswith("2.13")
     served = find_model(repo)
     assert served.name == "meddpm_tiny" and served.preset == presets["tiny"]
@@ -120,6 +128,16 @@ def test_export_command_reports_a_bad_checkpoint(tmp_path, capsys):
     code = export_main(["--checkpoint", str(tmp_path / "bad.pt"), "--preset", "whole-head", "--repository", str(tmp_path / "r")])
     assert code == 4 and "not a PyTorch checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "..", ".hidden", "", "head_cpu", "head_sampler", "head_trt"])
+def test_export_takes_a_plain_model_name_only(name, presets, test_presets_file, tmp_path, capsys):
+    checkpoint = tmp_path / "tiny.pt"
+    save_meddpm_checkpoint(checkpoint, randomise(build_unet(presets["tiny"]), seed=6), presets["tiny"], step=1)
+    code = export_main(["--checkpoint", str(checkpoint), "--preset", "tiny", "--presets", str(test_presets_file),
+                        "--repository", str(tmp_path / "repo" / "models"), "--name", name])
+    assert code == 2 and f"model name '{name}' is not a plain model name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["tiny.pt"], "nothing written"
 
 
 def test_tensorrt_plan_without_tensorrt_says_how(presets, test_presets_file, tmp_path, capsys):
@@ -138,22 +156,50 @@ def test_tensorrt_plan_without_tensorrt_says_how(presets, test_presets_file, tmp
 
 
 @pytest.mark.parametrize("entry", ["meddpm_demo", "meddpm_demo_cpu", "meddpm_demo_sampler"])
-def test_committed_configs_are_what_export_writes(entry):
-    from meddpm.presets import get_preset
-
-    if entry.endswith("_sampler"):
-        config = repository.sampler_config(entry, get_preset("demo"), ["meddpm_demo", "meddpm_demo_cpu"], 4)
-    else:
-        config = repository.model_config(entry, get_preset("demo"), "cpu" if entry.endswith("_cpu") else "onnx", 4)
-    expected = repository.config_text(config)
-    assert (REPO / "model_repository" / entry / "config.pbtxt").read_text() == expected
+def test_committed_configs_are_what_export_writes(demo_repository, entry):
+    """Less the export's hashes: the sampler's changes with any edit of meddpm/, the graph's with torch's version."""
+    config = read_config(demo_repository / entry)
+    hashes = [key for key in (ONNX_SHA256, PACKAGE_SHA256) if key in config.parameters]
+    assert len(hashes) == 1
+    del config.parameters[hashes[0]]
+    assert (REPO / "model_repository" / entry / "config.pbtxt").read_text() == repository.config_text(config)
     assert (REPO / "model_repository" / entry / "1" / ".gitkeep").exists()
+
+
+def test_a_graph_changed_after_export_is_refused_naming_both_hashes(demo_repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repository, repo)
+    path = repo / "meddpm_demo" / "1" / "model.onnx"
+    exported = sha256_of(path)
+    edit_weights(path)
+    with pytest.raises(ModelError) as error:
+        find_model(repo)
+    message = str(error.value)
+    assert f"SHA-256 {sha256_of(path)}, but {path.parent / 'manifest.json'} states {exported}" in message
+    assert "re-run `python -m export`" in message
+    path.write_bytes((demo_repository / "meddpm_demo" / "1" / "model.onnx").read_bytes())
+    assert find_model(repo).verified == {str(path): exported}
+
+
+def test_tree_hash_covers_names_and_contents_not_pycache(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("a = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("b = 2\n")
+    first = sha256_of(tmp_path / "pkg")
+    (tmp_path / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"cache")
+    assert sha256_of(tmp_path / "pkg") == first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("b = 3\n")
+    assert sha256_of(tmp_path / "pkg") != first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("b = 2\n")
+    (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "c.py")
+    assert sha256_of(tmp_path / "pkg") != first
 
 
 def test_tensorrt_accelerator_option():
     from meddpm.presets import get_preset
 
-    config = repository.model_config("m", get_preset("whole-head"), "onnx", 2, tensorrt_accelerator=True)
+    config = repository.model_config("m", get_preset("whole-head"), "onnx", 2, "0" * 64, tensorrt_accelerator=True)
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
     assert list(config.input[0].dims) == [1, 128, 128, 128]

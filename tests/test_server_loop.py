@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,14 +19,14 @@ import tritonclient.grpc as grpcclient
 
 from deploy.local_triton import DEFAULT_VENV, LocalTriton
 from meddpm.denoisers import OnnxRuntimeDenoiser
-from meddpm.errors import ConfigurationError, Interrupted, ServerError
+from meddpm.errors import ConfigurationError, Interrupted, ModelError, ServerError
 from meddpm.geometry import condition_channels
 from meddpm.phantoms import make_phantom
 from meddpm.sampling import sample
 from meddpm.served_model import ServedModel, find_model
 from meddpm.triton_denoiser import RetryPolicy, TritonDenoiser
 from meddpm.triton_sampler import TritonServerLoop
-from tests.conftest import REPO
+from tests.conftest import REPO, edit_weights
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -159,6 +161,31 @@ def test_bad_settings_come_back_as_configuration_errors(triton, model):
         "scheduler": "ddim", "steps": 2, "seed": 1, "samples": 1, "unet_model": "other"})
     assert "choose one of meddpm_demo, meddpm_demo_cpu" in events.get(timeout=60).message()
     client.stop_stream()
+
+
+def test_a_sampler_of_another_export_is_refused_naming_both_hashes(triton, model):
+    package = model.manifest["sampler_package"]
+    other = dataclasses.replace(model, manifest={**model.manifest, "sampler_package": {**package, "sha256": "0" * 64}})
+    with pytest.raises(ModelError, match=f"'meddpm_demo_sampler' at {triton.url} records package_sha256 "
+                                         f"{package['sha256']} in its config, but .*states {'0' * 64}"):
+        server_loop(triton, other)
+
+
+def test_the_server_refuses_to_load_files_changed_after_export(demo_repository, tmp_path):
+    repository = tmp_path / "models"
+    shutil.copytree(demo_repository, repository)
+    edit_weights(repository / UNET / "1" / "model.onnx")
+    with open(repository / "meddpm_demo_sampler" / "1" / "meddpm" / "sampling.py", "a") as source:
+        source.write("# edited after export\n")
+    server = LocalTriton(repository)
+    try:
+        with pytest.raises(ServerError, match="exited with code"):
+            server.start()
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "model.onnx: SHA-256" in log and "but config.pbtxt records onnx_sha256" in log
+    assert "meddpm: tree SHA-256" in log and "but config.pbtxt records package_sha256" in log
 
 
 @pytest.fixture(scope="module")

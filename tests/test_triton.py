@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import os
 import shutil
 import signal
@@ -124,6 +126,10 @@ def test_app_through_triton_equals_in_process(triton, served_repository, mask_fo
         served = nib.load(tmp_path / "head" / f"sample_{i}.nii.gz").get_fdata()
         np.testing.assert_allclose(served, expected, atol=1e-5)
     assert not our_regions()
+    verified = json.loads((tmp_path / "head" / "record.json").read_text())["model"]["sha256_verified"]
+    manifest = find_model(served_repository, "meddpm_demo").manifest
+    assert verified[f"Triton model 'meddpm_demo_cpu' at {triton.url}, config parameter onnx_sha256"] == \
+        manifest["onnx"]["sha256"]
 
 
 def test_app_says_when_no_server_answers(served_repository, mask_folder, tmp_path):
@@ -219,6 +225,28 @@ def test_auto_transport_takes_shared_memory_only_on_this_host(triton, model):
 def test_a_model_for_another_preset_is_refused_naming_both(triton, model):
     with pytest.raises(ModelError, match=r"'noisy_image' is TYPE_FP32 \[1, 16, 16, 16\].*needs TYPE_FP32 \[1, 32, 32, 32\]"):
         TritonDenoiser(triton.url, model, served_name="other_head_cpu")
+
+
+def test_a_server_serving_another_export_is_refused_naming_both_hashes(triton, model):
+    other = dataclasses.replace(model, manifest={**model.manifest, "onnx": {**model.manifest["onnx"], "sha256": "0" * 64}})
+    with pytest.raises(ModelError, match=f"'meddpm_demo_cpu' at {triton.url} records onnx_sha256 "
+                                         f"{model.manifest['onnx']['sha256']} in its config, but .*manifest.json "
+                                         f"states {'0' * 64}: the server serves another export"):
+        TritonDenoiser(triton.url, other)
+
+
+def test_a_config_named_unlike_its_folder_is_refused_naming_both(demo_repository, tmp_path):
+    repository = tmp_path / "models"
+    shutil.copytree(demo_repository, repository)
+    config = repository / "meddpm_demo_cpu" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "meddpm_demo_cpu"', 'name: "meddpm_demo2_cpu"'))
+    expected = (f"{config}: names the model 'meddpm_demo2_cpu', but its folder is 'meddpm_demo_cpu'.*rename the "
+                f"folder back to 'meddpm_demo2_cpu', or export the model under the new name "
+                f"\\(`python -m export --name meddpm_demo ")
+    with pytest.raises(ModelError, match=expected):  # before the server starts, rather than its exit code
+        LocalTriton(repository)
+    with pytest.raises(ModelError, match=expected):  # the app, before any step (in process too)
+        find_model(repository)
 
 
 def test_an_unloaded_model_is_waited_for_then_reported(own_triton, model, reference):
