@@ -8,13 +8,17 @@ resampling images with trilinear interpolation, so the output has the mask's exa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from nibabel import orientations
 
+from meddpm.errors import InputError
 from meddpm.presets import Preset
 
 VOXEL_SIZE_RTOL = 0.01  # voxel sizes closer than 1% to the preset's are used as they are
+SINGULAR_RTOL = 1e-6  # an affine whose determinant is below this fraction of its voxel volume has collapsed axes
 
 
 class ModelGrid:
@@ -70,6 +74,24 @@ class ModelGrid:
     def network_axes(self, volume: np.ndarray) -> np.ndarray:
         """Swap between mask axis order and network axis order (the swap is its own inverse)."""
         return volume.transpose(2, 1, 0) if self.preset.image.axis_order == "reversed" else volume
+
+
+def check_affine(where: Path | str, affine: np.ndarray) -> None:
+    """Refuse a voxel-to-mm affine with NaN or infinite values, a zero voxel size or collapsed axes (InputError)."""
+    fix = ("write the real geometry into the header (sform/qform, pixdim in mm), e.g. copy the header of the image "
+           "the mask was drawn on")
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{where}: the header's voxel-to-mm transform holds NaN or infinite values, so the mask has "
+                         f"no position or voxel size; {fix}")
+    sizes = voxel_sizes(affine)
+    if abs(np.linalg.det(affine[:3, :3])) <= SINGULAR_RTOL * np.prod(sizes):
+        raise InputError(f"{where}: the header's voxel-to-mm transform is singular (voxel sizes "
+                         f"{sizes_text(sizes)} mm: a zero voxel size, or axes that coincide); {fix}")
+
+
+def sizes_text(values) -> str:
+    """Per-axis sizes as 6x6x6."""
+    return "x".join(f"{float(v):g}" for v in values)
 
 
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:

@@ -156,3 +156,31 @@ def test_absurd_size_is_refused_before_reading(tmp_path):
 def test_singleton_fourth_axis_is_accepted(tmp_path):
     data = phantom_mask()[..., None]
     assert read_mask(save(tmp_path / "m.nii.gz", data), DEMO).labels.shape == (32, 32, 32)
+
+
+def save_with_header(path, data, **fields):
+    """A NIfTI file whose header fields are written as given (nibabel would refuse or repair some of them)."""
+    header = nib.Nifti1Image(data, np.diag([6.0, 6.0, 6.0, 1.0])).header
+    for name, value in fields.items():
+        if isinstance(value, tuple):
+            header[name][value[0]] = value[1]
+        else:
+            header[name] = value
+    header["vox_offset"] = 352
+    path.write_bytes(header.binaryblock + b"\x00" * 4 + data.tobytes(order="F"))
+    return path
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"srow_x": (0, np.nan)}, "holds NaN or infinite values"),
+    ({"srow_y": (3, np.inf)}, "holds NaN or infinite values"),
+    ({"sform_code": 0, "qform_code": 1, "quatern_b": np.nan}, "holds NaN or infinite values"),
+    ({"srow_x": (0, 0.0)}, r"singular \(voxel sizes 0x6x6 mm"),
+    ({"srow_x": (1, 6.0), "srow_y": (1, 0.0)}, "singular"),  # two axes along x
+    ({"sform_code": 0, "qform_code": 1, "pixdim": (1, 0.0)}, r"voxel size \(pixdim\) is \[0.0, 6.0, 6.0\] mm"),
+    ({"sform_code": 0, "qform_code": 0, "pixdim": (2, np.nan)}, r"voxel size \(pixdim\) is \[6.0, nan, 6.0\] mm"),
+])
+def test_nan_or_singular_affine_is_refused(tmp_path, fields, message):
+    path = save_with_header(tmp_path / "m.nii", phantom_mask(), **fields)
+    with pytest.raises(InputError, match=f"m.nii: the header's .*{message}.*copy the header of the image"):
+        read_mask(path, DEMO)
