@@ -3,7 +3,8 @@
 Forward (mask -> network): reorient to the preset's orientation (nibabel), resample to the preset's voxel
 size when it differs (nearest neighbour, so no label is invented), centre-pad or crop to the preset's grid,
 then order the axes as the network expects. Backward (network -> mask grid) undoes each step in reverse,
-resampling images with trilinear interpolation, so the output has the mask's exact shape and affine.
+resampling images with trilinear interpolation, so the output has the mask's exact shape and affine; what the
+network grid does not cover is the preset's background intensity.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class ModelGrid:
     def image_from_network(self, image: np.ndarray) -> np.ndarray:
         """(C, D, H, W) network output -> (C, X, Y, Z) float32 on the mask's own grid."""
         channels = [self.network_axes(channel) for channel in image]  # the axis swap is its own inverse
-        unfitted = np.stack([_place(c, self.resampled_shape, tuple(-o for o in self.offsets)) for c in channels])
+        unfitted = np.stack([_place(c, self.resampled_shape, tuple(-o for o in self.offsets),
+                                    fill=self.preset.image.background) for c in channels])
         if self.resampled:
             from monai.transforms import Resize
 
@@ -113,9 +115,9 @@ def condition_channels(network_labels: np.ndarray, preset: Preset) -> np.ndarray
     return 2.0 * one_hot - 1.0 if preset.condition.scale == "symmetric" else one_hot
 
 
-def _place(volume: np.ndarray, shape: tuple[int, ...], offsets: tuple[int, ...]) -> np.ndarray:
-    """Copy `volume` into a zero array of `shape` at `offsets` (negative offsets crop)."""
-    out = np.zeros(shape, dtype=volume.dtype)
+def _place(volume: np.ndarray, shape: tuple[int, ...], offsets: tuple[int, ...], fill: float = 0) -> np.ndarray:
+    """Copy `volume` into an array of `shape` filled with `fill`, at `offsets` (negative offsets crop)."""
+    out = np.full(shape, fill, dtype=volume.dtype)
     src, dst = [], []
     for size_in, size_out, offset in zip(volume.shape, shape, offsets):
         start_in, start_out = max(0, -offset), max(0, offset)

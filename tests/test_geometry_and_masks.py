@@ -184,3 +184,14 @@ def test_nan_or_singular_affine_is_refused(tmp_path, fields, message):
     path = save_with_header(tmp_path / "m.nii", phantom_mask(), **fields)
     with pytest.raises(InputError, match=f"m.nii: the header's .*{message}.*copy the header of the image"):
         read_mask(path, DEMO)
+
+
+# --- what reaches the network grid: refused when meaningless, warned and recorded when partial ------------------
+
+
+def test_outside_the_network_grid_is_background():
+    """Where the network grid does not reach, the image is the model's background (-1), not mid-grey 0."""
+    grid = ModelGrid((40, 32, 32), np.diag([6.0, 6.0, 6.0, 1.0]), DEMO)  # 4 columns cropped on each side
+    image = grid.image_from_network(np.full((1, 32, 32, 32), 0.5, np.float32))
+    assert np.all(image[0, :4] == -1.0) and np.all(image[0, -4:] == -1.0) and np.all(image[0, 4:-4] == 0.5)
+    assert DEMO.image.background == -1.0
