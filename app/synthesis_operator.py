@@ -14,7 +14,7 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from app.report import RunReport
 from app.settings import SamplingSettings
 from meddpm.denoisers import Denoiser
-from meddpm.geometry import ModelGrid, condition_channels
+from meddpm.geometry import ModelGrid, check_label_fit, condition_channels
 from meddpm.masks import LabelMask
 from meddpm.sampling import check_steps, default_steps, sample
 from meddpm.served_model import ServedModel
@@ -83,10 +83,15 @@ class SynthesisOperator(Operator):
             op_output.emit(self.synthesise(mask), self.output_name_synthesis)
 
     def synthesise(self, mask: LabelMask) -> Synthesis:
+        """Sample the plan's seeds for one mask; a mask whose labels do not reach the network grid is refused
+        before any work (InputError)."""
         preset, plan = self._model.preset, self._plan
         started = time.monotonic()
         grid = ModelGrid(mask.labels.shape, mask.affine, preset)
-        condition = condition_channels(grid.labels_to_network(mask.labels), preset)
+        fit = grid.fit_labels(mask.labels)
+        for warning in check_label_fit(mask.source, grid, fit):
+            log.warning("%s", warning)
+        condition = condition_channels(fit.network_labels, preset)
         prepared = time.monotonic()
         batches = [plan.seeds[i : i + plan.batch_size] for i in range(0, len(plan.seeds), plan.batch_size)]
         loop = self._server_loop.sample if self._server_loop else functools.partial(sample, self._denoiser)
@@ -104,7 +109,7 @@ class SynthesisOperator(Operator):
             "batch_size": plan.batch_size,
             "backend": (self._server_loop or self._denoiser).name,
             "grid": {"mask_shape": list(mask.labels.shape), "network_grid": list(preset.image.grid),
-                     "resampled": grid.resampled, "exact": grid.exact},
+                     "resampled": grid.resampled, "exact": grid.exact, **fit.record()},
             "timings_s": {"prepare": round(prepared - started, 3), "sampling": round(sampled - prepared, 3),
                           "per_step": round((sampled - prepared) / (plan.steps * len(batches)), 4),
                           "restore": round(time.monotonic() - sampled, 3)},

@@ -158,7 +158,7 @@ def read_dicom_mask(source: DicomMaskInput, preset: Preset, segment_map: Segment
         if keyword in datasets[0]:
             setattr(attributes, keyword, datasets[0].data_element(keyword).value)
     references = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in datasets]
-    return LabelMask(source.name, labels, LPS_TO_RAS @ affine, DicomSource(attributes, references))
+    return LabelMask(source.name, labels, LPS_TO_RAS @ affine, where, DicomSource(attributes, references))
 
 
 def _read_seg(path: Path, preset: Preset, segment_map: SegmentMap | None) -> tuple[np.ndarray, np.ndarray, list[Dataset]]:

@@ -26,6 +26,7 @@ class LabelMask:
     name: str  # file name without suffix: names the output folder
     labels: np.ndarray  # (X, Y, Z) uint8
     affine: np.ndarray  # 4x4, voxel -> scanner mm
+    source: str  # the file or series it was read from, for messages
     dicom: DicomSource | None = None  # set for a DICOM mask: identity and references for a DICOM output
 
 
@@ -70,7 +71,7 @@ def read_mask(path: Path, preset: Preset) -> LabelMask:
         raise InputError(f"{path}: voxel data cannot be read ({type(error).__name__}: {error})") from None
     labels = integer_labels(path, data)
     check_label_values(path, labels, preset)
-    return LabelMask(mask_name(path), labels, affine)
+    return LabelMask(mask_name(path), labels, affine, str(path))
 
 
 def integer_labels(path: Path | str, data: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 
 from meddpm.dicom_input import find_mask_inputs
 from meddpm.errors import InputError
-from meddpm.geometry import ModelGrid, condition_channels
+from meddpm.geometry import ModelGrid, check_label_fit, condition_channels
 from meddpm.masks import read_mask
 from meddpm.phantoms import make_phantom
 from meddpm.presets import get_preset
@@ -195,3 +195,51 @@ def test_outside_the_network_grid_is_background():
     image = grid.image_from_network(np.full((1, 32, 32, 32), 0.5, np.float32))
     assert np.all(image[0, :4] == -1.0) and np.all(image[0, -4:] == -1.0) and np.all(image[0, 4:-4] == 0.5)
     assert DEMO.image.background == -1.0
+
+
+def test_mask_collapsed_by_its_voxel_size_is_refused():
+    mask = phantom_mask()
+    grid = ModelGrid(mask.shape, np.diag([1e-6, 1e-6, 1e-6, 1.0]), DEMO)
+    fit = grid.fit_labels(mask)
+    assert fit.lost_to_voxel_size == [1, 2]
+    with pytest.raises(InputError, match=r"m.nii: no label reaches the model's grid: at the 6x6x6 mm voxels of preset "
+                                         r"'demo' the mask \(32x32x32 voxels of 1e-06x1e-06x1e-06 mm\) becomes 1x1x1 "
+                                         r"voxels.*voxel size in the header is likely wrong"):
+        check_label_fit("m.nii", grid, fit)
+
+
+def test_head_outside_the_field_of_view_is_refused():
+    mask = np.zeros((64, 64, 64), np.uint8)
+    mask[32:, 32:, 32:] = phantom_mask()  # the head in a corner: the centre crop keeps little of it
+    grid = ModelGrid(mask.shape, np.diag([6.0, 6.0, 6.0, 1.0]), DEMO)
+    with pytest.raises(InputError, match=r"m.nii: the model's field of view \(192x192x192 mm, centred on the middle "
+                                         r"of the mask's array\) leaves out too much of the labels \(label 1 8\d.\d%, "
+                                         r"label 2 8\d.\d%; at most 5% of any label is accepted\).*crop it"):
+        check_label_fit("m.nii", grid, grid.fit_labels(mask))
+
+
+def test_a_small_crop_is_warned_and_recorded():
+    mask = np.zeros((32, 32, 40), np.uint8)
+    mask[:, :, 13:] = phantom_mask()[:, :, :27]  # the head high in the array: its top two slices are cropped
+    grid = ModelGrid(mask.shape, np.diag([6.0, 6.0, 6.0, 1.0]), DEMO)
+    fit = grid.fit_labels(mask)
+    warnings = check_label_fit("m.nii", grid, fit)
+    lost = fit.labelled_outside_field_of_view()
+    assert 0.01 < lost < 0.05
+    per_label = fit.outside_field_of_view()
+    assert warnings == [f"m.nii: {lost:.1%} of the labelled voxels lie outside the model's field of view "
+                        f"(192x192x192 mm, centred on the middle of the mask's array) and are cropped away "
+                        f"(label 1 {per_label[1]:.1%}, label 2 {per_label[2]:.1%}); the image there is background"]
+    assert per_label[2] == 0.0 and fit.record()["fraction_outside_field_of_view"]["labelled"] == round(lost, 4)
+    assert fit.network_labels.shape == DEMO.image.grid
+
+
+def test_a_label_too_small_for_the_model_is_warned():
+    mask = phantom_mask(shape=(128, 128, 128), voxel_mm=1.5, seed=4)
+    mask[mask == 2] = 1
+    mask[64, 64, 64] = 2  # 3.4 mm³ of tumour: less than one 6 mm voxel
+    grid = ModelGrid(mask.shape, np.diag([1.5, 1.5, 1.5, 1.0]), DEMO)
+    fit = grid.fit_labels(mask)
+    assert fit.lost_to_voxel_size == [2] and fit.record()["labels_lost_to_voxel_size"] == [2]
+    assert check_label_fit("m.nii", grid, fit) == ["m.nii: labels [2] vanish at the model's voxel size (6x6x6 mm), "
+                                                   "too small or thin for its voxels: the image has no such structure"]
