@@ -58,6 +58,11 @@ class ModelGrid:
         """True when no voxel is interpolated, padded or cropped on the way."""
         return not self.resampled and all(o == 0 for o in self.offsets)
 
+    @property
+    def anti_aliased(self) -> bool:
+        """True when mapping images back shrinks an axis, so that MONAI smooths them first (the costly case)."""
+        return any(r > c for r, c in zip(self.resampled_shape, self.canonical_shape))
+
     def labels_to_network(self, labels: np.ndarray) -> np.ndarray:
         """(X, Y, Z) label mask -> label volume on the network grid (D, H, W)."""
         return self._fit(self._resample_labels(labels))
