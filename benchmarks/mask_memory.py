@@ -5,7 +5,8 @@
 Each case SIDE:VOXEL_MM:SAMPLES is a mask of SIDE³ voxels of VOXEL_MM (an ellipsoid head: brain and a tumour, always
 inside the model's field of view), synthesised by the app (DDIM, 2 steps, in process) in a fresh process that
 reports its peak resident memory (VmHWM). The figures calibrate the app's per-mask check (meddpm/memory.py:
-mask_memory_estimate): it prints the estimate beside each measurement.
+mask_memory_estimate): it prints the estimate beside each measurement. OMP_NUM_THREADS=1 measures one torch thread,
+on which MONAI's smoothing costs more.
 """
 
 from __future__ import annotations

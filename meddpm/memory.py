@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from meddpm.errors import ConfigurationError, InputError
 from meddpm.geometry import ModelGrid, sizes_text
@@ -33,6 +34,7 @@ APP_MODULES_BYTES = 300 * 2**20  # holoscan, MONAI Deploy, DICOM libraries: the 
 LABELS_TO_NETWORK_BYTES = 6  # per mask and resampled voxel: orientation copy, int16 and MONAI's nearest resize
 IMAGE_FROM_NETWORK_BYTES = 16  # per resampled voxel and channel: the padded volume, its stack, MONAI's resize
 SMOOTHING_BYTES = 40  # per smoothed voxel and channel: MONAI's anti-aliasing Gaussian (padded copies, convolutions)
+SMOOTHING_BYTES_PER_TAP = 4  # the same on one torch thread, whose convolution unfolds the volume: per kernel tap
 SMOOTHING_OVERHEAD_BYTES = 160 * 2**20
 RESTORED_BYTES = 8  # per mask voxel and channel: the resized volume and its reoriented copy
 WRITING_BYTES = {"nifti": 8, "dicom": 32}  # per mask voxel: one volume written (DICOM: stored and rescaled copies)
@@ -65,15 +67,19 @@ def mask_volumes_bytes(grid: ModelGrid, samples: int, formats: tuple[str, ...]) 
     to_network = LABELS_TO_NETWORK_BYTES * (source + resampled)
     from_network = channels * (IMAGE_FROM_NETWORK_BYTES * resampled + RESTORED_BYTES * source)
     if grid.anti_aliased:
-        from_network += channels * SMOOTHING_BYTES * smoothed_voxels(grid) + SMOOTHING_OVERHEAD_BYTES
+        from_network += channels * smoothing_bytes(grid) + SMOOTHING_OVERHEAD_BYTES
     writing = max(WRITING_BYTES[name] for name in formats) * source
     return held + max(to_network, from_network, writing)
 
 
-def smoothed_voxels(grid: ModelGrid) -> int:
-    """Voxels MONAI's anti-aliasing smooths: the resampled grid padded by 4 sigma, sigma = (shrink factor - 1) / 2."""
-    return math.prod(r + 2 * int(4 * max(0.0, (r / c - 1) / 2) + 1)
-                     for r, c in zip(grid.resampled_shape, grid.canonical_shape))
+def smoothing_bytes(grid: ModelGrid) -> int:
+    """Bytes of MONAI's anti-aliasing Gaussian on one channel: sigma (shrink factor - 1) / 2 on the resampled grid,
+    padded by 4 sigma a side; on one torch thread its cost grows with the kernel (2 x 4 sigma + 1 taps)."""
+    tails = [int(4 * max(0.0, (r / c - 1) / 2) + 1) for r, c in zip(grid.resampled_shape, grid.canonical_shape)]
+    padded = math.prod(r + 2 * tail for r, tail in zip(grid.resampled_shape, tails))
+    if torch.get_num_threads() > 1:
+        return SMOOTHING_BYTES * padded
+    return SMOOTHING_BYTES_PER_TAP * (2 * max(tails) + 1) * padded
 
 
 def mask_memory_estimate(grid: ModelGrid, samples: int, batch: int, weights_bytes: int | None,

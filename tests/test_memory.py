@@ -45,19 +45,22 @@ DEMO = get_preset("demo")
 DEMO_WEIGHTS = 3_572_642  # the demo model's ONNX file
 NIFTI, BOTH = ("nifti",), ("nifti", "dicom")
 # Peak RSS of the app synthesising one mask (python -m benchmarks.mask_memory: demo model in process, DDIM 2 steps,
-# ONNX Runtime 1.31, MONAI 1.6, 2-core CPU, 2026-12-01): (mask side, voxel mm, samples, output formats, MiB).
+# ONNX Runtime 1.31, MONAI 1.6, 2-core CPU, 2026-12-01): (mask side, voxel mm, samples, output formats, torch
+# threads, MiB). One torch thread (OMP_NUM_THREADS=1) makes MONAI's smoothing cost more, the more it smooths.
 MEASURED_RUNS = [
-    (32, 6.0, 1, NIFTI, 658),  # the network grid itself
-    (128, 1.5, 1, NIFTI, 681),
-    (256, 0.75, 1, NIFTI, 807),
-    (256, 0.75, 8, NIFTI, 1255),
-    (256, 0.75, 30, NIFTI, 2670),  # 30 samples held on the mask's grid
-    (32, 24.0, 1, NIFTI, 840),  # resampled to 128^3, smoothed on the way back
-    (32, 48.0, 1, NIFTI, 1740),  # resampled to 256^3
-    (24, 64.0, 1, NIFTI, 1808),  # resampled to 256^3, more smoothing
-    (256, 0.75, 1, BOTH, 1096),
-    (256, 0.75, 4, BOTH, 1289),
-    (32, 48.0, 1, BOTH, 1740),
+    (32, 6.0, 1, NIFTI, 2, 658),  # the network grid itself
+    (128, 1.5, 1, NIFTI, 2, 681),
+    (256, 0.75, 1, NIFTI, 2, 807),
+    (256, 0.75, 8, NIFTI, 2, 1255),
+    (256, 0.75, 30, NIFTI, 2, 2670),  # 30 samples held on the mask's grid
+    (32, 24.0, 1, NIFTI, 2, 840),  # resampled to 128^3, smoothed on the way back
+    (32, 48.0, 1, NIFTI, 2, 1740),  # resampled to 256^3
+    (24, 64.0, 1, NIFTI, 2, 1808),  # resampled to 256^3, more smoothing
+    (256, 0.75, 1, BOTH, 2, 1096),
+    (256, 0.75, 4, BOTH, 2, 1289),
+    (32, 48.0, 1, BOTH, 2, 1740),
+    (32, 24.0, 1, NIFTI, 1, 839),
+    (32, 48.0, 1, NIFTI, 1, 3388),
 ]
 
 
@@ -65,11 +68,13 @@ def demo_grid(side: int, voxel_mm: float) -> ModelGrid:
     return ModelGrid((side,) * 3, np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0]), DEMO)
 
 
-@pytest.mark.parametrize("side, voxel_mm, samples, formats, measured_mib", MEASURED_RUNS)
-def test_mask_estimate_follows_the_measured_peaks(side, voxel_mm, samples, formats, measured_mib):
-    """Never below a measured peak, and at most 20% above it."""
+@pytest.mark.parametrize("side, voxel_mm, samples, formats, threads, measured_mib", MEASURED_RUNS)
+def test_mask_estimate_follows_the_measured_peaks(monkeypatch, side, voxel_mm, samples, formats, threads,
+                                                  measured_mib):
+    """Never below a measured peak, and at most 25% above it."""
+    monkeypatch.setattr(memory.torch, "get_num_threads", lambda: threads)
     estimate = memory.mask_memory_estimate(demo_grid(side, voxel_mm), samples, 1, DEMO_WEIGHTS, formats) / 2**20
-    assert measured_mib <= estimate <= 1.2 * measured_mib
+    assert measured_mib <= estimate <= 1.25 * measured_mib
 
 
 def test_a_mask_too_large_at_the_models_voxel_size_is_refused():
