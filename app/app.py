@@ -86,7 +86,7 @@ class SynthesisApp(Application):
         )
         synthesis = SynthesisOperator(
             self, model=job.model, denoiser=job.denoiser, plan=job.plan, report=job.report,
-            server_loop=job.server_loop, name="synthesis"
+            output_formats=job.output_formats, server_loop=job.server_loop, name="synthesis"
         )
         writer = OutputWriterOperator(
             self, output_folder=job.output_folder, model=job.model, rescale=job.rescale, formats=job.output_formats,

@@ -13,10 +13,11 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from app.report import RunReport
 from app.settings import SamplingSettings
-from meddpm.denoisers import Denoiser
+from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
 from meddpm.errors import ConfigurationError
-from meddpm.geometry import ModelGrid, condition_channels
+from meddpm.geometry import ModelGrid, check_label_fit, condition_channels
 from meddpm.masks import LabelMask
+from meddpm.memory import check_mask_fits
 from meddpm.sampling import MAX_SEED, check_steps, default_steps, sample
 from meddpm.served_model import ServedModel
 from meddpm.triton_sampler import TritonServerLoop
@@ -64,12 +65,14 @@ class SynthesisOperator(Operator):
     """
 
     def __init__(self, fragment: Fragment, *args, model: ServedModel, denoiser: Denoiser, plan: SamplingPlan,
-                 report: RunReport, server_loop: TritonServerLoop | None = None, **kwargs):
+                 report: RunReport, output_formats: tuple[str, ...], server_loop: TritonServerLoop | None = None,
+                 **kwargs):
         self.input_name_mask = "mask"
         self.output_name_synthesis = "synthesis"
         self._model = model
         self._denoiser = denoiser
         self._plan = plan
+        self._output_formats = output_formats  # what the writer will hold in memory counts before sampling
         self._report = report
         self._server_loop = server_loop  # when set, the loop runs inside Triton instead of here
         super().__init__(fragment, *args, **kwargs)
@@ -87,10 +90,18 @@ class SynthesisOperator(Operator):
             op_output.emit(self.synthesise(mask), self.output_name_synthesis)
 
     def synthesise(self, mask: LabelMask) -> Synthesis:
+        """Sample the plan's seeds for one mask; a mask whose run cannot fit or whose labels do not reach the
+        network grid is refused before any work (InputError)."""
         preset, plan = self._model.preset, self._plan
         started = time.monotonic()
         grid = ModelGrid(mask.labels.shape, mask.affine, preset)
-        condition = condition_channels(grid.labels_to_network(mask.labels), preset)
+        in_process = isinstance(self._denoiser, OnnxRuntimeDenoiser)
+        check_mask_fits(mask.source, grid, len(plan.seeds), min(plan.batch_size, len(plan.seeds)),
+                        self._model.onnx_path.stat().st_size if in_process else None, self._output_formats)
+        fit = grid.fit_labels(mask.labels)
+        for warning in check_label_fit(mask.source, grid, fit):
+            log.warning("%s", warning)
+        condition = condition_channels(fit.network_labels, preset)
         prepared = time.monotonic()
         batches = [plan.seeds[i : i + plan.batch_size] for i in range(0, len(plan.seeds), plan.batch_size)]
         loop = self._server_loop.sample if self._server_loop else functools.partial(sample, self._denoiser)
@@ -108,7 +119,7 @@ class SynthesisOperator(Operator):
             "batch_size": plan.batch_size,
             "backend": (self._server_loop or self._denoiser).name,
             "grid": {"mask_shape": list(mask.labels.shape), "network_grid": list(preset.image.grid),
-                     "resampled": grid.resampled, "exact": grid.exact},
+                     "resampled": grid.resampled, "exact": grid.exact, **fit.record()},
             "timings_s": {"prepare": round(prepared - started, 3), "sampling": round(sampled - prepared, 3),
                           "per_step": round((sampled - prepared) / (plan.steps * len(batches)), 4),
                           "restore": round(time.monotonic() - sampled, 3)},

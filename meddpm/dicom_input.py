@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from meddpm.errors import ConfigurationError, InputError
+from meddpm.geometry import check_affine
 from meddpm.masks import MAX_SIDE, LabelMask, MaskInput, check_label_values, integer_labels, name_digest
 from meddpm.presets import Preset
 
@@ -121,12 +122,13 @@ def read_dicom_mask(source: MaskInput, preset: Preset, segment_map: SegmentMap |
     if max(labels.shape) > MAX_SIDE:
         raise InputError(f"{where}: size {labels.shape} is beyond {MAX_SIDE} voxels a side; crop or downsample it")
     check_label_values(where, labels, preset)
+    check_affine(where, affine)
     attributes = Dataset()
     for keyword in SOURCE_ATTRIBUTES:
         if keyword in datasets[0]:
             setattr(attributes, keyword, datasets[0].data_element(keyword).value)
     references = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in datasets]
-    return LabelMask(source.name, labels, LPS_TO_RAS @ affine, DicomSource(attributes, references))
+    return LabelMask(source.name, labels, LPS_TO_RAS @ affine, where, DicomSource(attributes, references))
 
 
 def _read_seg(path: Path, preset: Preset, segment_map: SegmentMap | None) -> tuple[np.ndarray, np.ndarray, list[Dataset]]:

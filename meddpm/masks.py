@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 
 from meddpm.errors import InputError
+from meddpm.geometry import check_affine
 from meddpm.presets import Preset
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class LabelMask:
     name: str  # file name without suffix: names the output folder
     labels: np.ndarray  # (X, Y, Z) uint8
     affine: np.ndarray  # 4x4, voxel -> scanner mm
+    source: str  # the file or series it was read from, for messages
     dicom: DicomSource | None = None  # set for a DICOM mask: identity and references for a DICOM output
 
 
@@ -59,6 +61,8 @@ def read_mask(path: Path, preset: Preset) -> LabelMask:
         raise InputError(f"{path}: not a NIfTI file; masks must be .nii or .nii.gz label volumes")
     try:
         image = nib.load(path)
+        with image.file_map["image"].get_prepare_fileobj("rb") as stored:  # unchecked: nibabel makes 0 mm 1 mm
+            stored_header = type(image.header).from_fileobj(stored, check=False)
     except Exception as error:  # nibabel raises many types for a damaged file
         raise InputError(f"{path}: cannot be read as NIfTI ({type(error).__name__}: {error})") from None
     shape = tuple(int(s) for s in image.shape)
@@ -71,13 +75,20 @@ def read_mask(path: Path, preset: Preset) -> LabelMask:
             f"{path}: size {shape} is beyond what is accepted (at most {MAX_SIDE} voxels a side and "
             f"{MAX_VOXELS} in all); crop or downsample the mask"
         )
+    pixdim = stored_header["pixdim"][1:4]
+    if stored_header.get_sform(coded=True)[1] == 0 and not np.all(np.isfinite(pixdim) & (pixdim != 0)):
+        raise InputError(f"{path}: the header's voxel size (pixdim) is {pixdim.tolist()} mm and no sform gives one; "
+                         f"write the real voxel size in mm into pixdim, e.g. copy the header of the image the mask "
+                         f"was drawn on")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    check_affine(path, affine)
     try:
         data = np.asanyarray(image.dataobj).reshape(shape)
     except Exception as error:
         raise InputError(f"{path}: voxel data cannot be read ({type(error).__name__}: {error})") from None
     labels = integer_labels(path, data)
     check_label_values(path, labels, preset)
-    return LabelMask(mask_name(path), labels, np.asarray(image.affine, dtype=np.float64))
+    return LabelMask(mask_name(path), labels, affine, str(path))
 
 
 def integer_labels(path: Path | str, data: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ class ImageConfig:
     voxel_size_mm: tuple[float, float, float]
     orientation: str
     axis_order: str
+    background: float = -1.0  # the training images' background intensity: the image where the network grid ends
 
     @property
     def mask_shape(self) -> tuple[int, int, int]:

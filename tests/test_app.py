@@ -82,6 +82,46 @@ def test_each_mask_is_synthesised_on_its_own_grid_and_a_bad_one_is_reported(demo
         assert Image.open(folder / "preview.png").size[1] == 2 * 192
 
 
+def test_masks_that_would_give_meaningless_images_or_exhaust_memory_are_refused(demo_repository, tmp_path):
+    """Each refused before sampling, naming the file, why and the fix; the mask that fits is still written, and
+    what its crop cost is warned and recorded."""
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    head, _ = make_phantom(np.random.default_rng(0), (32, 32, 32), 6.0)
+    six_mm = np.diag([6.0, 6.0, 6.0, 1.0])
+    high = np.zeros((32, 32, 40), np.uint8)
+    high[:, :, 13:] = head[:, :, :27]  # the top of the head beyond the field of view's top
+    write_mask(folder / "high.nii.gz", high, six_mm)
+    corner = np.zeros((64, 64, 64), np.uint8)
+    corner[32:, 32:, 32:] = head
+    write_mask(folder / "corner.nii.gz", corner, six_mm)
+    write_mask(folder / "collapsed.nii.gz", head, np.diag([1e-6, 1e-6, 1e-6, 1.0]))
+    write_mask(folder / "huge_voxels.nii.gz", head, np.diag([1000.0, 1000.0, 1000.0, 1.0]))
+    header = nib.Nifti1Image(head, six_mm).header
+    header["srow_x"][0], header["vox_offset"] = np.nan, 352
+    (folder / "nan_affine.nii").write_bytes(header.binaryblock + b"\x00" * 4 + head.tobytes(order="F"))
+
+    result = run_app("-i", folder, "-o", tmp_path / "out", "-m", demo_repository, "--scheduler", "ddim",
+                     "--steps", "2")
+    assert result.returncode == 1, result.stderr
+    assert "1 mask(s) synthesised, 4 failed" in result.stdout
+    failed = dict(line.removeprefix("  FAILED ").split(": ", 1) for line in result.stdout.splitlines()
+                  if "FAILED" in line)
+    assert failed["nan_affine"].startswith(f"{folder / 'nan_affine.nii'}: the header's voxel-to-mm transform holds NaN")
+    assert failed["corner"].startswith(f"{folder / 'corner.nii.gz'}: the model's field of view (192x192x192 mm")
+    assert "at most 5% of any label is accepted" in failed["corner"] and "crop it to at most" in failed["corner"]
+    assert failed["collapsed"].startswith(f"{folder / 'collapsed.nii.gz'}: no label reaches the model's grid")
+    assert failed["huge_voxels"].startswith(f"{folder / 'huge_voxels.nii.gz'}: its 32x32x32 voxels of 1000x1000x1000 "
+                                            f"mm are 5333x5333x5333 voxels at the model's 6x6x6 mm, beyond what is")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["high"]
+    record = json.loads((tmp_path / "out" / "high" / "record.json").read_text())
+    lost = record["grid"]["fraction_outside_field_of_view"]
+    assert 0 < lost["labelled"] <= 0.05 and lost["2"] == 0.0
+    assert f"{lost['labelled']:.1%} of the labelled voxels lie outside the model's field of view" in result.stderr
+    image = nib.load(tmp_path / "out" / "high" / "sample_0.nii.gz").get_fdata()
+    assert np.all(image[:, :, :4] == -1.0) and np.all(image[:, :, -4:] == -1.0)  # beyond the network grid
+
+
 def test_no_patient_data_reaches_outputs_or_logs(demo_repository, masks, tmp_path):
     out = tmp_path / "out"
     result = run_app("-i", masks / "native.nii.gz", "-o", out, "-m", demo_repository, "--steps", "3", "--scheduler", "ddim")

@@ -71,3 +71,10 @@ def test_step_math_benchmark_times_every_scheduler(tmp_path):
     rows = json.loads((tmp_path / "math.json").read_text())["rows"]
     assert [r["scheduler"] for r in rows] == ["ddpm", "ddim", "dpmpp2m", "deis", "dpmpp2m-sde"]
     assert all(r["step_ms"] > 0 for r in rows)
+
+
+def test_mask_memory_benchmark_measures_a_run_beside_its_estimate(demo_repository):
+    out = run_module("benchmarks.mask_memory", "--repository", demo_repository, "--cases", "32:12:2")
+    row = next(line for line in out.splitlines() if line.startswith("| 32³ | 12 |"))
+    measured, estimate = (float(cell) for cell in row.split("|")[5:7])
+    assert row.startswith("| 32³ | 12 | 64x64x64 | 2 |") and 0 < measured <= estimate

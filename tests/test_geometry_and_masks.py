@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from meddpm.errors import InputError
-from meddpm.geometry import ModelGrid, condition_channels
+from meddpm.geometry import ModelGrid, check_label_fit, condition_channels
 from meddpm.mask_inputs import find_mask_inputs
 from meddpm.masks import read_mask
 from meddpm.phantoms import make_phantom
@@ -150,3 +150,90 @@ def test_absurd_size_is_refused_before_reading(tmp_path):
 def test_singleton_fourth_axis_is_accepted(tmp_path):
     data = phantom_mask()[..., None]
     assert read_mask(save(tmp_path / "m.nii.gz", data), DEMO).labels.shape == (32, 32, 32)
+
+
+def save_with_header(path, data, **fields):
+    """A NIfTI file whose header fields are written as given (nibabel would refuse or repair some of them)."""
+    header = nib.Nifti1Image(data, np.diag([6.0, 6.0, 6.0, 1.0])).header
+    for name, value in fields.items():
+        if isinstance(value, tuple):
+            header[name][value[0]] = value[1]
+        else:
+            header[name] = value
+    header["vox_offset"] = 352
+    path.write_bytes(header.binaryblock + b"\x00" * 4 + data.tobytes(order="F"))
+    return path
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"srow_x": (0, np.nan)}, "holds NaN or infinite values"),
+    ({"srow_y": (3, np.inf)}, "holds NaN or infinite values"),
+    ({"sform_code": 0, "qform_code": 1, "quatern_b": np.nan}, "holds NaN or infinite values"),
+    ({"srow_x": (0, 0.0)}, r"singular \(voxel sizes 0x6x6 mm"),
+    ({"srow_x": (1, 6.0), "srow_y": (1, 0.0)}, "singular"),  # two axes along x
+    ({"sform_code": 0, "qform_code": 1, "pixdim": (1, 0.0)}, r"voxel size \(pixdim\) is \[0.0, 6.0, 6.0\] mm"),
+    ({"sform_code": 0, "qform_code": 0, "pixdim": (2, np.nan)}, r"voxel size \(pixdim\) is \[6.0, nan, 6.0\] mm"),
+])
+def test_nan_or_singular_affine_is_refused(tmp_path, fields, message):
+    path = save_with_header(tmp_path / "m.nii", phantom_mask(), **fields)
+    with pytest.raises(InputError, match=f"m.nii: the header's .*{message}.*copy the header of the image"):
+        read_mask(path, DEMO)
+
+
+# --- what reaches the network grid: refused when meaningless, warned and recorded when partial ------------------
+
+
+def test_outside_the_network_grid_is_background():
+    """Where the network grid does not reach, the image is the model's background (-1), not mid-grey 0."""
+    grid = ModelGrid((40, 32, 32), np.diag([6.0, 6.0, 6.0, 1.0]), DEMO)  # 4 columns cropped on each side
+    image = grid.image_from_network(np.full((1, 32, 32, 32), 0.5, np.float32))
+    assert np.all(image[0, :4] == -1.0) and np.all(image[0, -4:] == -1.0) and np.all(image[0, 4:-4] == 0.5)
+    assert DEMO.image.background == -1.0
+
+
+def test_mask_collapsed_by_its_voxel_size_is_refused():
+    mask = phantom_mask()
+    grid = ModelGrid(mask.shape, np.diag([1e-6, 1e-6, 1e-6, 1.0]), DEMO)
+    fit = grid.fit_labels(mask)
+    assert fit.lost_to_voxel_size == [1, 2]
+    with pytest.raises(InputError, match=r"m.nii: no label reaches the model's grid: at the 6x6x6 mm voxels of preset "
+                                         r"'demo' the mask \(32x32x32 voxels of 1e-06x1e-06x1e-06 mm\) becomes 1x1x1 "
+                                         r"voxels.*voxel size in the header is likely wrong"):
+        check_label_fit("m.nii", grid, fit)
+
+
+def test_head_outside_the_field_of_view_is_refused():
+    mask = np.zeros((64, 64, 64), np.uint8)
+    mask[32:, 32:, 32:] = phantom_mask()  # the head in a corner: the centre crop keeps little of it
+    grid = ModelGrid(mask.shape, np.diag([6.0, 6.0, 6.0, 1.0]), DEMO)
+    with pytest.raises(InputError, match=r"m.nii: the model's field of view \(192x192x192 mm, centred on the middle "
+                                         r"of the mask's array\) leaves out too much of the labels \(label 1 8\d.\d%, "
+                                         r"label 2 8\d.\d%; at most 5% of any label is accepted\).*crop it"):
+        check_label_fit("m.nii", grid, grid.fit_labels(mask))
+
+
+def test_a_small_crop_is_warned_and_recorded():
+    mask = np.zeros((32, 32, 40), np.uint8)
+    mask[:, :, 13:] = phantom_mask()[:, :, :27]  # the head high in the array: its top two slices are cropped
+    grid = ModelGrid(mask.shape, np.diag([6.0, 6.0, 6.0, 1.0]), DEMO)
+    fit = grid.fit_labels(mask)
+    warnings = check_label_fit("m.nii", grid, fit)
+    lost = fit.labelled_outside_field_of_view()
+    assert 0.01 < lost < 0.05
+    per_label = fit.outside_field_of_view()
+    assert warnings == [f"m.nii: {lost:.1%} of the labelled voxels lie outside the model's field of view "
+                        f"(192x192x192 mm, centred on the middle of the mask's array) and are cropped away "
+                        f"(label 1 {per_label[1]:.1%}, label 2 {per_label[2]:.1%}); the image there is background"]
+    assert per_label[2] == 0.0 and fit.record()["fraction_outside_field_of_view"]["labelled"] == round(lost, 4)
+    assert fit.network_labels.shape == DEMO.image.grid
+
+
+def test_a_label_too_small_for_the_model_is_warned():
+    mask = phantom_mask(shape=(128, 128, 128), voxel_mm=1.5, seed=4)
+    mask[mask == 2] = 1
+    mask[64, 64, 64] = 2  # 3.4 mm³ of tumour: less than one 6 mm voxel
+    grid = ModelGrid(mask.shape, np.diag([1.5, 1.5, 1.5, 1.0]), DEMO)
+    fit = grid.fit_labels(mask)
+    assert fit.lost_to_voxel_size == [2] and fit.record()["labels_lost_to_voxel_size"] == [2]
+    assert check_label_fit("m.nii", grid, fit) == ["m.nii: labels [2] vanish at the model's voxel size (6x6x6 mm), "
+                                                   "too small or thin for its voxels: the image has no such structure"]
