@@ -51,14 +51,14 @@ def start(script, *args):
 def version(target: Path) -> str | None:
     """The token of the version in place; fails on a missing or half version. Both files are read through one
     handle on the folder, so that a swap between the two reads cannot mix versions; None when the version read was
-    replaced and removed meanwhile (a reader's files vanish under it, as with any replaced output)."""
+    replaced meanwhile and is being removed (a reader's files vanish under it, as with any replaced output)."""
     folder = os.open(target, os.O_RDONLY | os.O_DIRECTORY)  # raises when no version is in place
     try:
         a, b = (Path(f"/proc/self/fd/{folder}/{name}").read_text() for name in ("a", "b"))
     except FileNotFoundError:
-        if os.fstat(folder).st_nlink:
+        if os.fstat(folder).st_ino == os.stat(target).st_ino:
             raise AssertionError("a version without both files is in place") from None
-        return None
+        return None  # replaced since it was opened, and being removed
     finally:
         os.close(folder)
     assert a == b, "a half-written version is visible"
