@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +30,7 @@ from meddpm.served_model import CPU_SUFFIX, MANIFEST, SAMPLER_SUFFIX, read_confi
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-triton"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def free_port() -> int:
@@ -55,7 +57,7 @@ class LocalTriton:
         self.venv = Path(venv)
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
-        self.log_path = log_path or self.repository.parent / f"tritonserver-{self.grpc_port}.log"
+        self.log_path = log_path or Path(tempfile.gettempdir()) / f"meddpm-tritonserver-{self.grpc_port}.log"
         self.models = servable_entries(self.repository)
         self.address, self.prefix = address, list(prefix)
         self.process: subprocess.Popen | None = None
@@ -164,22 +166,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="made by scripts/setup_triton.sh")
+    parser.add_argument("--log", type=Path, help="the server's log (default: meddpm-tritonserver-PORT.log in the "
+                        "system's temporary folder)")
     args = parser.parse_args(argv)
     try:
-        server = LocalTriton(args.repository, args.venv, args.grpc_port, args.http_port,
-                             log_path=Path(f"tritonserver-{args.grpc_port}.log")).start()
-    except (ConfigurationError, ModelError, ServerError) as error:
+        server = LocalTriton(args.repository, args.venv, args.grpc_port, args.http_port, log_path=args.log)
+    except (ConfigurationError, ModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    print(f"Triton ready: gRPC {server.url}, models {', '.join(server.models)}; log {server.log_path}. "
-          f"Ctrl-C stops it.", flush=True)
+    received = []
+
+    def stop(signum, _frame):  # the server runs in a session of its own: it must be stopped, not orphaned
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
     try:
+        server.start()
+        print(f"Triton ready: gRPC {server.url}, models {', '.join(server.models)}; log {server.log_path}. "
+              f"Ctrl-C or SIGTERM stops it.", flush=True)
         server.process.wait()
     except KeyboardInterrupt:
         pass
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     finally:
         server.stop()
-    return 0 if server.process.returncode in (0, -signal.SIGTERM) else 1
+    if received:
+        return 128 + received[0]
+    return 0 if server.process.returncode == 0 else 1
 
 
 if __name__ == "__main__":

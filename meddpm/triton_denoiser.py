@@ -38,7 +38,10 @@ from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
 log = logging.getLogger(__name__)
 TRANSPORTS = ("auto", "shm", "network")
 GRPC_MESSAGE_LIMIT = 2**31 - 1  # what gRPC and Triton accept per message unless configured lower
-PROBE_TIMEOUT_S = 2.0
+# A control call (liveness, config, shared memory registration) on a server that is up answers within this even
+# when the server and this host are busy (2 s was not enough under load); an absent server fails at once anyway.
+CONTROL_TIMEOUT_S = 10.0
+CLEANUP_WINDOW_S = 60.0  # how long to keep asking a busy server to unregister a region before leaving it registered
 T = TypeVar("T")
 
 
@@ -93,9 +96,9 @@ class TritonDenoiser(Denoiser):
         last_error, waiting = "no answer", False
         while True:
             try:
-                if self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S):
+                if self.client.is_server_live(client_timeout=CONTROL_TIMEOUT_S):
                     for name in candidates:
-                        if self.client.is_model_ready(name, client_timeout=PROBE_TIMEOUT_S):
+                        if self.client.is_model_ready(name, client_timeout=CONTROL_TIMEOUT_S):
                             return name
                     last_error = "server: " + self._model_states()
             except InferenceServerException as error:
@@ -114,13 +117,13 @@ class TritonDenoiser(Denoiser):
         )
 
     def _model_states(self) -> str:
-        index = self.client.get_model_repository_index(client_timeout=PROBE_TIMEOUT_S).models
+        index = self.client.get_model_repository_index(client_timeout=CONTROL_TIMEOUT_S).models
         return ", ".join(f"{m.name} {m.state or 'UNLOADED'}" for m in index) or "no models"
 
     def _check_served_model(self) -> int:
         """The served model's tensors must be the ones the local preset feeds, and its config must record the
         manifest's graph hash; returns its max batch size."""
-        config = self._call(lambda: self.client.get_model_config(self.served_name, client_timeout=PROBE_TIMEOUT_S)).config
+        config = self._call(lambda: self.client.get_model_config(self.served_name, client_timeout=CONTROL_TIMEOUT_S)).config
         preset = self.model.preset
         grid = list(preset.image.grid)
         expected = {
@@ -198,8 +201,8 @@ class TritonDenoiser(Denoiser):
         if error.status() in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE"):
             return True
         try:
-            return not (self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S)
-                        and self.client.is_model_ready(self.served_name, client_timeout=PROBE_TIMEOUT_S))
+            return not (self.client.is_server_live(client_timeout=CONTROL_TIMEOUT_S)
+                        and self.client.is_model_ready(self.served_name, client_timeout=CONTROL_TIMEOUT_S))
         except InferenceServerException:
             return True
 
@@ -346,22 +349,38 @@ class SharedMemoryRegions:
     def register(self, client: grpcclient.InferenceServerClient) -> None:
         for name, region in self.names.items():
             with contextlib.suppress(InferenceServerException):  # stale registration of the same name
-                client.unregister_system_shared_memory(region, client_timeout=PROBE_TIMEOUT_S)
+                client.unregister_system_shared_memory(region, client_timeout=CONTROL_TIMEOUT_S)
             client.register_system_shared_memory(region, "/" + region, self.byte_size(name),
-                                                 client_timeout=PROBE_TIMEOUT_S)
+                                                 client_timeout=CONTROL_TIMEOUT_S)
 
     def registered(self, client: grpcclient.InferenceServerClient) -> bool:
-        status = client.get_system_shared_memory_status(client_timeout=PROBE_TIMEOUT_S).regions
+        status = client.get_system_shared_memory_status(client_timeout=CONTROL_TIMEOUT_S).regions
         return all(region in status for region in self.names.values())
 
     def close(self, client: grpcclient.InferenceServerClient | None) -> None:
-        """Unregister (best effort: the server may be gone) and unlink every region; safe to call twice."""
+        """Unregister and unlink every region; safe to call twice."""
         for name, handle in list(self.handles.items()):
             if client is not None:
-                with contextlib.suppress(InferenceServerException):
-                    client.unregister_system_shared_memory(self.names[name], client_timeout=PROBE_TIMEOUT_S)
+                unregister(client, self.names[name])
             shm.destroy_shared_memory_region(handle)
             del self.handles[name]
+
+
+def unregister(client: grpcclient.InferenceServerClient, region: str) -> None:
+    """Unregister a region, waiting for a busy server (up to CLEANUP_WINDOW_S); a server that is gone has forgotten
+    its registrations, and is not waited for."""
+    deadline = time.monotonic() + CLEANUP_WINDOW_S
+    while True:
+        try:
+            client.unregister_system_shared_memory(region, client_timeout=CONTROL_TIMEOUT_S)
+            return
+        except InferenceServerException as error:
+            if error.status() != "StatusCode.DEADLINE_EXCEEDED":
+                return
+            if time.monotonic() >= deadline:
+                log.warning("Triton: shared memory region %s may still be registered (no answer for %.0f s); "
+                            "unregister it or restart the server", region, CLEANUP_WINDOW_S)
+                return
 
 
 def is_this_host(url: str) -> bool:

@@ -22,7 +22,7 @@ from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError, ModelEr
 from meddpm.presets import ScheduleConfig
 from meddpm.sampling import Progress, check_steps
 from meddpm.served_model import PACKAGE_SHA256, SAMPLER_SUFFIX
-from meddpm.triton_denoiser import PROBE_TIMEOUT_S, TritonDenoiser
+from meddpm.triton_denoiser import CONTROL_TIMEOUT_S, TritonDenoiser
 
 log = logging.getLogger(__name__)
 LOOP_MODES = ("client", "server")
@@ -42,9 +42,9 @@ class TritonServerLoop:
         self.sampler_name = denoiser.model.name + SAMPLER_SUFFIX
         self.name = f"triton {self.sampler_name} (server-side loop, UNet {denoiser.served_name})"
         try:
-            ready = denoiser.client.is_model_ready(self.sampler_name, client_timeout=PROBE_TIMEOUT_S)
+            ready = denoiser.client.is_model_ready(self.sampler_name, client_timeout=CONTROL_TIMEOUT_S)
             if ready:
-                config = denoiser.client.get_model_config(self.sampler_name, client_timeout=PROBE_TIMEOUT_S).config
+                config = denoiser.client.get_model_config(self.sampler_name, client_timeout=CONTROL_TIMEOUT_S).config
         except InferenceServerException as error:
             ready, why = False, error.message()
         else:

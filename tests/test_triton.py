@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -313,3 +316,36 @@ def test_a_server_that_stops_answering_hits_the_deadline(own_triton, model):
             synthesise(denoiser, model, phantom_condition(model, 9), [1], freeze)
     finally:
         own_triton.process.send_signal(signal.SIGCONT)
+
+
+def server_processes(grpc_port: int) -> list[int]:
+    """Pids of the tritonserver processes listening on this gRPC port."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            arguments = cmdline.read_bytes().split(b"\0")
+            if arguments[0].endswith(b"tritonserver") and f"--grpc-port={grpc_port}".encode() in arguments:
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_sigterm_stops_the_local_server_it_started_and_its_log_is_outside_the_repository(served_repository):
+    grpc_port, http_port = free_port(), free_port()
+    before = set(REPO.iterdir())
+    command = [sys.executable, "-m", "deploy.local_triton", "--repository", served_repository,
+               "--grpc-port", grpc_port, "--http-port", http_port]
+    process = subprocess.Popen(list(map(str, command)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        ready = process.stdout.readline()
+        assert "Triton ready" in ready, ready + process.stderr.read()
+        assert server_processes(grpc_port)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 128 + signal.SIGTERM, process.stderr.read()
+    finally:
+        process.kill()
+    assert server_processes(grpc_port) == []  # not orphaned, and the port is free again
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", grpc_port))
+    log = Path(ready.split("; log ")[1].split(". Ctrl-C")[0])
+    assert log.is_file() and not log.is_relative_to(REPO) and set(REPO.iterdir()) == before
