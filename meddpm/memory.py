@@ -119,20 +119,21 @@ def check_mask_fits(where: str, grid: ModelGrid, samples: int, batch: int, weigh
 
 def resident_bytes() -> int:
     """This process's resident memory (VmRSS): it counts towards what a run's estimate may use."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmRSS in /proc/self/status")
+    return _kib_field("/proc/self/status", "VmRSS")
 
 
 def available_bytes() -> int:
     """Memory the kernel can give without swapping (MemAvailable)."""
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
+    return _kib_field("/proc/meminfo", "MemAvailable")
+
+
+def _kib_field(path: str, key: str) -> int:
+    """A 'KEY: N kB' line of a /proc file, in bytes."""
+    with open(path) as file:
+        for line in file:
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise OSError("no MemAvailable in /proc/meminfo")
+    raise OSError(f"no {key} in {path}")
 
 
 def check_fits(preset: Preset, batch: int, weights_bytes: int) -> None:

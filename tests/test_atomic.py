@@ -65,6 +65,12 @@ def version(target: Path) -> str | None:
     return a
 
 
+def write_version(target: Path, token: str) -> None:
+    with staged_folder(target) as staging:
+        (staging / "a").write_text(token)
+        (staging / "b").write_text(token)
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
@@ -87,9 +93,7 @@ class Reader(threading.Thread):
 
 def test_concurrent_writers_always_leave_one_whole_version_in_place(tmp_path):
     target = tmp_path / "out" / "subj"
-    with staged_folder(target) as staging:
-        (staging / "a").write_text("first")
-        (staging / "b").write_text("first")
+    write_version(target, "first")
     reader = Reader(target)
     reader.start()
     writers = [start(WRITER, target, 150) for _ in range(4)]
@@ -103,9 +107,7 @@ def test_concurrent_writers_always_leave_one_whole_version_in_place(tmp_path):
 
 def test_writers_killed_at_any_moment_leave_a_whole_version_and_their_leftovers_are_removed(tmp_path):
     target = tmp_path / "out" / "subj"
-    with staged_folder(target) as staging:
-        (staging / "a").write_text("first")
-        (staging / "b").write_text("first")
+    write_version(target, "first")
     reader = Reader(target)
     reader.start()
     for delay in (0.3, 0.6, 0.9, 1.2):  # several rounds of writers killed mid-swap, at different moments
@@ -118,9 +120,7 @@ def test_writers_killed_at_any_moment_leave_a_whole_version_and_their_leftovers_
     reader.join()
     assert reader.failures == [] and reader.reads > 0
     version(target)
-    with staged_folder(target) as staging:  # the next write removes what the killed writers left
-        (staging / "a").write_text("last")
-        (staging / "b").write_text("last")
+    write_version(target, "last")  # the next write removes what the killed writers left
     assert version(target) == "last" and leftovers(target.parent) == []
 
 
