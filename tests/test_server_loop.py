@@ -64,6 +64,18 @@ def unet_inferences(server: LocalTriton) -> int:
     return stats.inference_count
 
 
+def settled_inferences(server: LocalTriton, quiet_s: float = 3.0, limit_s: float = 120.0) -> int:
+    """The UNet's inference count once it has not changed for `quiet_s` (a busy server's last step may still be
+    running when a loop is cancelled); fails if it keeps changing for `limit_s`."""
+    count, since, started = unet_inferences(server), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() - started < limit_s, "the server-side loop went on after the cancellation"
+        time.sleep(0.5)
+        if (now := unet_inferences(server)) != count:
+            count, since = now, time.monotonic()
+    return count
+
+
 # ddpm and dpmpp2m-sde (the fast path) draw noise every step from the samples' generators
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmpp2m-sde"])
 def test_server_loop_equals_client_loop_and_streams_progress(triton, model, scheduler):
@@ -104,11 +116,8 @@ def test_stop_cancels_the_server_loop_and_frees_the_instance(triton, model):
     with pytest.raises(Interrupted, match="stopped at step 3 of 200; the server-side loop was cancelled"):
         run(loop.sample, model, condition_of(model, 2), [1], steps=200, stop=stop,
             progress=lambda done, total, elapsed: done == 2 and stop.set())
-    assert time.monotonic() - started < 30
-    time.sleep(1.0)  # the server sees the cancellation at its next step
-    after_cancel = unet_inferences(triton)
-    time.sleep(2.0)
-    assert unet_inferences(triton) == after_cancel, "the server-side loop went on after the cancellation"
+    assert time.monotonic() - started < 120
+    after_cancel = settled_inferences(triton)  # the server sees the cancellation at its next step
     assert after_cancel - before < 10, "the server-side loop stopped within a few steps"
     condition = condition_of(model, 3)  # both sampler instances serve again
     results = []
@@ -136,12 +145,9 @@ def test_ctrl_c_in_the_app_cancels_the_server_loop(triton, demo_repository, tmp_
             break
     app.send_signal(signal.SIGINT)
     seen += app.stderr.readlines()
-    assert app.wait(60) == Interrupted.exit_code, "".join(seen)
+    assert app.wait(300) == Interrupted.exit_code, "".join(seen)
     assert "the server-side loop was cancelled" in "".join(seen)
-    time.sleep(1.0)
-    after_cancel = unet_inferences(triton)
-    time.sleep(2.0)
-    assert unet_inferences(triton) == after_cancel, "the server-side loop went on after Ctrl-C"
+    settled_inferences(triton)
     assert not (tmp_path / "out" / "head").exists()
 
 

@@ -159,7 +159,7 @@ def test_ctrl_c_stops_the_run_and_frees_shared_memory(triton, served_repository,
     assert our_regions(), "the run should be using shared memory"
     app.send_signal(signal.SIGINT)
     seen += app.stderr.readlines()
-    assert app.wait(60) == 130, "".join(seen)
+    assert app.wait(300) == 130, "".join(seen)
     assert not our_regions()
     assert not grpcclient.InferenceServerClient(triton.url).get_system_shared_memory_status().regions
     assert not (tmp_path / "out" / "head").exists()
@@ -299,7 +299,7 @@ def test_server_gone_for_good_is_a_bounded_clear_error(own_triton, model):
     started = time.monotonic()
     with pytest.raises(ServerError, match="did not answer request .* for 3 s"):
         synthesise(denoiser, model, phantom_condition(model, 8), [1], crash)
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 120  # bounded by the 3 s window, with room for a busy machine
     assert not our_regions()
 
 
