@@ -212,7 +212,7 @@ def test_a_unet_lost_mid_loop_is_a_clear_error_and_the_sampler_serves_on(fault_t
     started = time.monotonic()
     with pytest.raises(ServerError, match=f"UNet model '{UNET}' failed inside the server-side loop"):
         run(loop.sample, model, condition_of(model, 5), [1], steps=200, progress=unload)
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 180  # failed at once, not after the 200 steps (minutes on a busy machine)
     client.load_model(UNET)
     condition = condition_of(model, 6)
     local = run(lambda *a: sample(OnnxRuntimeDenoiser(model.onnx_path), *a), model, condition, [2])
@@ -230,7 +230,7 @@ def test_an_unloaded_sampler_is_named_with_the_fix(fault_triton, model):
 
 
 def test_a_silent_server_ends_the_stream_at_the_deadline(fault_triton, model):
-    loop = server_loop(fault_triton, model, deadline_s=2)
+    loop = server_loop(fault_triton, model, deadline_s=10)  # a busy machine's step is far shorter than this
 
     def freeze(done, total, elapsed):
         if done == 2:
@@ -238,11 +238,11 @@ def test_a_silent_server_ends_the_stream_at_the_deadline(fault_triton, model):
 
     started = time.monotonic()
     try:
-        with pytest.raises(ServerError, match="sent nothing for 2 s after step 2 of 200; the request was cancelled"):
+        with pytest.raises(ServerError, match="sent nothing for 10 s after step 2 of 200; the request was cancelled"):
             run(loop.sample, model, condition_of(model, 7), [1], steps=200, progress=freeze)
     finally:
         fault_triton.process.send_signal(signal.SIGCONT)
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 120
 
 
 def test_the_server_loop_without_a_server_is_a_configuration_error(demo_repository, tmp_path):
