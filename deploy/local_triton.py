@@ -45,6 +45,19 @@ def servable_entries(repository: Path) -> list[str]:
                   if (p / "1" / MANIFEST).is_file())
 
 
+def server_processes(grpc_port: int) -> list[int]:
+    """Pids of the tritonserver processes serving this gRPC port (none, once a server is stopped)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            arguments = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if arguments[0].endswith(b"tritonserver") and f"--grpc-port={grpc_port}".encode() in arguments:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
 class LocalTriton:
     """One tritonserver process with explicit model control, loading the repository's CPU and sampler entries."""
 

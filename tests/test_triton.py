@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from deploy.local_triton import DEFAULT_VENV, LocalTriton, free_port
+from deploy.local_triton import DEFAULT_VENV, LocalTriton, free_port, server_processes
 from export.cli import main as export_main
 from meddpm.checkpoint import save_meddpm_checkpoint
 from meddpm.denoisers import OnnxRuntimeDenoiser
@@ -316,17 +315,6 @@ def test_a_server_that_stops_answering_hits_the_deadline(own_triton, model):
             synthesise(denoiser, model, phantom_condition(model, 9), [1], freeze)
     finally:
         own_triton.process.send_signal(signal.SIGCONT)
-
-
-def server_processes(grpc_port: int) -> list[int]:
-    """Pids of the tritonserver processes listening on this gRPC port."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            arguments = cmdline.read_bytes().split(b"\0")
-            if arguments[0].endswith(b"tritonserver") and f"--grpc-port={grpc_port}".encode() in arguments:
-                found.append(int(cmdline.parent.name))
-    return found
 
 
 def test_sigterm_stops_the_local_server_it_started_and_its_log_is_outside_the_repository(served_repository):
