@@ -127,6 +127,9 @@ def soak(work: Path, runs: int, masks: int, steps: int, restarts: int) -> bool:
         passed &= code == 0 and difference <= TOLERANCE
         print(f"| {index} | {code} | {seconds:.1f} | {seconds / reference_s:.2f} | {app.logged('; retrying')} | "
               f"{app.logged('registered again')} | {difference:.1e} |")
+    for index, (app, (code, _)) in enumerate(zip(apps, finished)):
+        if code:
+            print(f"run {index} failed; the end of its log:\n" + "".join(app.lines[-8:]))
     leftovers = {"/dev/shm regions": our_regions(), "server registrations": registered,
                  "server processes": server_processes(server.grpc_port)}
     print(f"all {runs} runs in {soak_s:.1f} s; left behind: " + ", ".join(f"{k} {v or 'none'}" for k, v in
