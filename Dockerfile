@@ -30,8 +30,6 @@ COPY pyproject.toml README.md /src/
 COPY meddpm /src/meddpm
 COPY export /src/export
 COPY app /src/app
-COPY training /src/training
-COPY benchmarks /src/benchmarks
 RUN /opt/meddpm/bin/pip install --no-cache-dir --no-index --find-links /wheelhouse --no-deps /src \
     && /opt/meddpm/bin/pip check
 

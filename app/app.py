@@ -4,7 +4,8 @@
 
 Everything that can be checked before the graph runs (model repository, settings, input path) is resolved
 into a `SynthesisJob` first, so that a bad setting fails at once with a clear message; inside the graph a
-failing mask is reported and the others go on.
+failing mask is reported and the others go on. The DICOM, PACS and Triton modules are imported only when a
+setting asks for them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from holoscan.conditions import CountCondition
 from monai.deploy.core import Application
@@ -25,34 +27,25 @@ from monai.deploy.core import Application
 from app.mask_loader_operator import MaskLoaderOperator
 from app.output_writer_operator import OutputWriterOperator
 from app.report import RunReport
-from app.settings import SamplingSettings, parse_settings, settings_help
+from app.settings import SamplingSettings, help_text, parse_settings
 from app.synthesis_operator import SamplingPlan, SynthesisOperator
 from meddpm.atomic import check_writable, unwritable_folder
-from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
-from meddpm.dicom_input import SegmentMap
-from meddpm.dicom_output import DicomOptions
+from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
+from meddpm.backends.triton.options import LoopMode, RetryPolicy, Transport
+from meddpm.dicom.options import DicomOptions, SegmentMap
 from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError
+from meddpm.imaging.formats import OutputFormat
+from meddpm.imaging.masks import MaskInput
+from meddpm.imaging.memory import check_fits
 from meddpm.mask_inputs import find_mask_inputs
-from meddpm.masks import MaskInput
-from meddpm.memory import check_fits
-from meddpm.pacs import PacsExporter, dicomweb_credentials
-from meddpm.served_model import ServedModel, find_model
-from meddpm.triton_denoiser import RetryPolicy, TritonDenoiser
-from meddpm.triton_sampler import TritonServerLoop
+from meddpm.model.repository import ServedModel, find_model
+from meddpm.sampling.denoiser import Denoiser
+
+if TYPE_CHECKING:
+    from meddpm.backends.triton.server_loop import TritonServerLoop
+    from meddpm.dicom.pacs import PacsExporter
 
 log = logging.getLogger("app")
-
-USAGE = """usage: python -m app [-i INPUT] [-o OUTPUT] [-m MODEL_REPOSITORY] [-l LEVEL] [sampling settings]
-
-  -i/--input   NIfTI mask, DICOM SEG, or a folder of masks and DICOM series (HOLOSCAN_INPUT_PATH, default: input)
-  -o/--output  output folder, one subfolder per mask (HOLOSCAN_OUTPUT_PATH, default: output)
-  -m/--model   Triton model repository from `python -m export` (HOLOSCAN_MODEL_PATH, default: models)
-  --triton-server-netloc HOST:PORT  run the UNet on this Triton server over gRPC (TRITON_SERVER_NETLOC);
-               the model's manifest is still read from -m
-  -l/--log-level DEBUG|INFO|WARN|ERROR
-
-Sampling settings:
-"""
 
 
 @dataclasses.dataclass
@@ -63,7 +56,7 @@ class SynthesisJob:
     masks: list[MaskInput]
     output_folder: Path
     rescale: tuple[float, float] | None
-    output_formats: tuple[str, ...] = ("nifti",)
+    output_formats: tuple[OutputFormat, ...] = (OutputFormat.NIFTI,)
     segment_map: SegmentMap | None = None
     dicom: DicomOptions = DicomOptions()
     pacs: PacsExporter | None = None
@@ -81,16 +74,35 @@ class SynthesisApp(Application):
     def compose(self):
         job = self.job
         loader = MaskLoaderOperator(
-            self, CountCondition(self, len(job.masks)), mask_inputs=job.masks, output_folder=job.output_folder,
-            preset=job.model.preset, segment_map=job.segment_map, report=job.report, name="mask_loader",
+            self,
+            CountCondition(self, len(job.masks)),
+            mask_inputs=job.masks,
+            output_folder=job.output_folder,
+            preset=job.model.preset,
+            segment_map=job.segment_map,
+            report=job.report,
+            name="mask_loader",
         )
         synthesis = SynthesisOperator(
-            self, model=job.model, denoiser=job.denoiser, plan=job.plan, report=job.report,
-            output_formats=job.output_formats, server_loop=job.server_loop, name="synthesis"
+            self,
+            model=job.model,
+            denoiser=job.denoiser,
+            plan=job.plan,
+            report=job.report,
+            output_formats=job.output_formats,
+            server_loop=job.server_loop,
+            name="synthesis",
         )
         writer = OutputWriterOperator(
-            self, output_folder=job.output_folder, model=job.model, rescale=job.rescale, formats=job.output_formats,
-            dicom=job.dicom, pacs=job.pacs, report=job.report, name="output_writer",
+            self,
+            output_folder=job.output_folder,
+            model=job.model,
+            rescale=job.rescale,
+            formats=job.output_formats,
+            dicom=job.dicom,
+            pacs=job.pacs,
+            report=job.report,
+            name="output_writer",
         )
         self.add_flow(loader, synthesis, {(loader.output_name_mask, synthesis.input_name_mask)})
         self.add_flow(synthesis, writer, {(synthesis.output_name_synthesis, writer.input_name_synthesis)})
@@ -107,44 +119,86 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
     plan = SamplingPlan.resolve(settings, model)
     if settings.segment_map:
         settings.segment_map.check(model.preset)
-    formats = tuple(settings.output_format.split(","))
+    formats = settings.output_format
     pacs = make_exporter(settings)
-    if pacs and "dicom" not in formats:
-        raise ConfigurationError("a PACS destination is set but the output format has no dicom; add "
-                                 "--output-format nifti,dicom (MEDDPM_OUTPUT_FORMAT)")
+    if pacs and OutputFormat.DICOM not in formats:
+        raise ConfigurationError(
+            "a PACS destination is set but the output format has no dicom; add "
+            "--output-format nifti,dicom (MEDDPM_OUTPUT_FORMAT)"
+        )
     masks = find_mask_inputs(Path(context.input_path))
     output_folder = Path(context.output_path)
     check_writable(output_folder)
     denoiser = make_denoiser(context.triton_server_netloc, model, settings)
-    server_loop = TritonServerLoop(denoiser) if settings.triton_loop == "server" else None
-    log.info("model %s (preset %s), scheduler %s, %d steps, seeds %s, %d mask(s)", model.name, model.preset.name,
-             plan.scheduler, plan.steps, plan.seeds, len(masks))
+    try:
+        server_loop = make_server_loop(denoiser) if settings.triton_loop == LoopMode.SERVER else None
+    except BaseException:
+        denoiser.close()
+        raise
+    log.info(
+        "model %s (preset %s), scheduler %s, %d steps, seeds %s, %d mask(s)",
+        model.name,
+        model.preset.name,
+        plan.request.scheduler,
+        plan.request.steps,
+        plan.request.seeds,
+        len(masks),
+    )
     dicom = DicomOptions(settings.dicom_identity, settings.dicom_copy or ())
-    return SynthesisJob(model, denoiser, plan, masks, output_folder, settings.rescale, formats,
-                        settings.segment_map, dicom, pacs, server_loop)
+    return SynthesisJob(
+        model,
+        denoiser,
+        plan,
+        masks,
+        output_folder,
+        settings.rescale,
+        formats,
+        settings.segment_map,
+        dicom,
+        pacs,
+        server_loop,
+    )
 
 
 def make_exporter(settings: SamplingSettings) -> PacsExporter | None:
     """The PACS destinations configured (C-STORE and/or STOW-RS), or None."""
     if not (settings.pacs_cstore or settings.pacs_stow_url):
         return None
-    return PacsExporter(cstore=settings.pacs_cstore, calling_ae=settings.pacs_calling_ae,
-                        stow_url=settings.pacs_stow_url, retries=settings.pacs_retries,
-                        credentials=dicomweb_credentials() if settings.pacs_stow_url else None)
+    from meddpm.dicom.pacs import PacsExporter, dicomweb_credentials
+
+    return PacsExporter(
+        cstore=settings.pacs_cstore,
+        calling_ae=settings.pacs_calling_ae,
+        stow_url=settings.pacs_stow_url,
+        retries=settings.pacs_retries,
+        credentials=dicomweb_credentials() if settings.pacs_stow_url else None,
+    )
 
 
 def make_denoiser(triton_url: str | None, model: ServedModel, settings: SamplingSettings) -> Denoiser:
     """The Triton server when an address is given (TRITON_SERVER_NETLOC / --triton-server-netloc), else in process."""
     if not triton_url:
-        if settings.triton_loop == "server":
-            raise ConfigurationError("--triton-loop server needs a Triton server: set TRITON_SERVER_NETLOC or "
-                                     "--triton-server-netloc HOST:PORT, or drop --triton-loop")
         check_fits(model.preset, min(settings.batch_size, settings.samples), model.onnx_path.stat().st_size)
         return OnnxRuntimeDenoiser(model.onnx_path, settings.threads)
+    from meddpm.backends.triton.client import TritonDenoiser
+
     policy = RetryPolicy(deadline_s=settings.triton_deadline, window_s=settings.triton_retry_window)
     # The server-side loop moves no tensors per step: no shared memory to set up for it.
-    transport = "network" if settings.triton_loop == "server" else settings.triton_transport
+    transport = Transport.NETWORK if settings.triton_loop == LoopMode.SERVER else settings.triton_transport
     return TritonDenoiser(triton_url, model, settings.triton_model, transport, policy)
+
+
+def make_server_loop(denoiser: Denoiser) -> TritonServerLoop:
+    """The sampling loop inside the Triton server whose UNet `denoiser` calls (--triton-loop server)."""
+    from meddpm.backends.triton.client import TritonDenoiser
+    from meddpm.backends.triton.server_loop import TritonServerLoop
+
+    if not isinstance(denoiser, TritonDenoiser):
+        raise ConfigurationError(
+            "--triton-loop server needs a Triton server: set TRITON_SERVER_NETLOC or "
+            "--triton-server-netloc HOST:PORT, or drop --triton-loop"
+        )
+    return TritonServerLoop(denoiser)
 
 
 def run_graph(app: SynthesisApp, report: RunReport) -> None:
@@ -180,7 +234,7 @@ def stop_on_signal(stop: threading.Event, interrupt: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print(USAGE + settings_help())
+        print(help_text())
         return 0
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
     interrupted = threading.Event()
@@ -196,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted.is_set():
         print(f"error: {Interrupted.while_starting}", file=sys.stderr)
         return Interrupted.exit_code
-    run_graph(SynthesisApp(job), job.report)
+    with job.denoiser:  # closed at the end: a Triton client's connection
+        run_graph(SynthesisApp(job), job.report)
     print(job.report.summary())
     for folder in job.report.written.values():
         print(f"synthetic volume(s) and preview in {folder} (preview: {Path(folder) / 'preview.png'})")

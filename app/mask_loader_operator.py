@@ -9,10 +9,11 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from app.report import RunReport
 from meddpm.atomic import check_target
-from meddpm.dicom_input import SegmentMap, read_dicom_mask
+from meddpm.dicom.options import SegmentMap
 from meddpm.errors import InputError
-from meddpm.masks import MaskInput, read_mask
-from meddpm.presets import Preset
+from meddpm.imaging.masks import MaskInput
+from meddpm.mask_inputs import read_mask_input
+from meddpm.model.presets import Preset
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +25,20 @@ class MaskLoaderOperator(Operator):
     Give it a CountCondition with one tick per path.
 
     Named Output:
-        mask: meddpm.masks.LabelMask
+        mask: meddpm.imaging.masks.LabelMask
     """
 
-    def __init__(self, fragment: Fragment, *args, mask_inputs: list[MaskInput], output_folder: Path, preset: Preset,
-                 segment_map: SegmentMap | None, report: RunReport, **kwargs):
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        mask_inputs: list[MaskInput],
+        output_folder: Path,
+        preset: Preset,
+        segment_map: SegmentMap | None,
+        report: RunReport,
+        **kwargs,
+    ):
         self.output_name_mask = "mask"
         self._pending = list(mask_inputs)
         self._output_folder = output_folder
@@ -49,10 +59,11 @@ class MaskLoaderOperator(Operator):
             if source.problem:
                 raise InputError(source.problem)
             check_target(self._output_folder / source.name)
-            if source.kind == "nifti":
-                mask = read_mask(source.files[0], self._preset)
-            else:
-                mask = read_dicom_mask(source, self._preset, self._segment_map)
-            log.info("mask %s: %s voxels, labels %s", mask.name, "x".join(map(str, mask.labels.shape)),
-                     sorted(set(mask.labels.ravel().tolist()) - {0}))
+            mask = read_mask_input(source, self._preset, self._segment_map)
+            log.info(
+                "mask %s: %s voxels, labels %s",
+                mask.name,
+                "x".join(map(str, mask.labels.shape)),
+                sorted(set(mask.labels.ravel().tolist()) - {0}),
+            )
             op_output.emit(mask, self.output_name_mask)

@@ -3,11 +3,13 @@ folder; then sends the DICOM series to the configured PACS."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -17,10 +19,14 @@ from app.preview import write_preview
 from app.report import RunReport
 from app.synthesis_operator import Synthesis
 from meddpm.atomic import staged_folder, write_text
-from meddpm.dicom_output import MODEL_RANGE, DicomOptions, Provenance, write_synthesis
+from meddpm.dicom.options import DicomOptions
 from meddpm.errors import PacsError
-from meddpm.pacs import PacsExporter
-from meddpm.served_model import ServedModel
+from meddpm.imaging.formats import OutputFormat
+from meddpm.model.repository import ServedModel
+from meddpm.model.tensors import IMAGE_RANGE
+
+if TYPE_CHECKING:
+    from meddpm.dicom.pacs import PacsExporter
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +36,26 @@ class OutputWriterOperator(Operator):
 
     Files: sample_<i>[_<channel>].nii.gz (one per sample and output channel, on the mask's grid with its
     affine), dicom/sample_<i>_<channel>/NNNN.dcm (one MR series per sample and channel, see
-    meddpm.dicom_output), preview.png (mid-slices of mask and sample 0), record.json (model, settings,
+    meddpm.dicom.writer), preview.png (mid-slices of mask and sample 0), record.json (model, settings,
     timings); pacs.json (what each PACS stored, or why not) after the series were sent.
 
     Named Input:
         synthesis: app.synthesis_operator.Synthesis
     """
 
-    def __init__(self, fragment: Fragment, *args, output_folder: Path, model: ServedModel,
-                 rescale: tuple[float, float] | None, formats: tuple[str, ...], dicom: DicomOptions,
-                 pacs: PacsExporter | None, report: RunReport, **kwargs):
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        output_folder: Path,
+        model: ServedModel,
+        rescale: tuple[float, float] | None,
+        formats: tuple[OutputFormat, ...],
+        dicom: DicomOptions,
+        pacs: PacsExporter | None,
+        report: RunReport,
+        **kwargs,
+    ):
         self.input_name_synthesis = "synthesis"
         self._output_folder = output_folder
         self._model = model
@@ -65,14 +81,16 @@ class OutputWriterOperator(Operator):
         with staged_folder(target) as staging:
             channels = self._model.preset.image.channels
             outputs, series = [], []
-            if "nifti" in self._formats:
+            if OutputFormat.NIFTI in self._formats:
                 for index, volume in enumerate(synthesis.samples):
                     for channel, name in enumerate(channels):
                         filename = f"sample_{index}{'' if len(channels) == 1 else '_' + name}.nii.gz"
                         self._write_nifti(staging / filename, volume[channel], synthesis.mask.affine)
                         outputs.append(filename)
-            if "dicom" in self._formats:
-                series = [[path.relative_to(staging) for path in files] for files in self._write_dicom(staging, synthesis)]
+            if OutputFormat.DICOM in self._formats:
+                series = [
+                    [path.relative_to(staging) for path in files] for files in self._write_dicom(staging, synthesis)
+                ]
                 outputs += [f"{files[0].parent}/" for files in series]
             write_preview(staging / "preview.png", synthesis.mask, synthesis.samples[0], channels)
             record = self._record(synthesis, outputs + ["preview.png"])
@@ -82,12 +100,26 @@ class OutputWriterOperator(Operator):
         return target
 
     def _write_dicom(self, staging: Path, synthesis: Synthesis) -> list[list[Path]]:
+        from meddpm.dicom.writer import Provenance, write_synthesis
+
         record = synthesis.record
-        provenance = Provenance(self._model.name, self._model.preset.name, record["scheduler"], record["steps"],
-                                f"meddpm-deploy {importlib.metadata.version('meddpm-deploy')}")
-        return write_synthesis(staging / "dicom", synthesis.samples, synthesis.mask, self._model.preset.image.channels,
-                               record["seeds"], options=self._dicom, written_range=self._rescale or MODEL_RANGE,
-                               provenance=provenance)
+        provenance = Provenance(
+            self._model.name,
+            self._model.preset.name,
+            record["scheduler"],
+            record["steps"],
+            f"meddpm-deploy {importlib.metadata.version('meddpm-deploy')}",
+        )
+        return write_synthesis(
+            staging / "dicom",
+            synthesis.samples,
+            synthesis.mask,
+            self._model.preset.image.channels,
+            record["seeds"],
+            options=self._dicom,
+            written_range=self._rescale or IMAGE_RANGE,
+            provenance=provenance,
+        )
 
     def _send(self, target: Path, series: list[list[Path]]) -> None:
         """Store the series in the PACS; pacs.json says what was stored, or why not."""
@@ -100,7 +132,7 @@ class OutputWriterOperator(Operator):
 
     def _write_nifti(self, path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
         if self._rescale is not None:
-            (low, high), (a, b) = self._rescale, MODEL_RANGE
+            (low, high), (a, b) = self._rescale, IMAGE_RANGE
             volume = low + (volume - a) * (high - low) / (b - a)
         image = nib.Nifti1Image(volume.astype(np.float32), affine)  # a fresh header: nothing copied from input
         image.header.set_xyzt_units("mm")
@@ -113,12 +145,15 @@ class OutputWriterOperator(Operator):
             "mask": synthesis.mask.name,
             "outputs": outputs,
             "synthetic": True,
-            "model": {"name": self._model.name, "preset": self._model.preset.to_dict(),
-                      "checkpoint": manifest["checkpoint"], "onnx": manifest["onnx"],
-                      "verification_passed": manifest["verification"]["passed"],
-                      "sha256_verified": self._model.verified},
+            "model": {
+                "name": self._model.name,
+                "preset": self._model.preset.to_dict(),
+                "checkpoint": dataclasses.asdict(manifest.checkpoint),
+                "onnx": dataclasses.asdict(manifest.onnx),
+                "verification_passed": manifest.verification_passed,
+                "sha256_verified": self._model.verified,
+            },
             **synthesis.record,
-            "intensity": {"model_range": list(MODEL_RANGE),
-                          "written_range": list(self._rescale) if self._rescale else list(MODEL_RANGE)},
+            "intensity": {"model_range": list(IMAGE_RANGE), "written_range": list(self._rescale or IMAGE_RANGE)},
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }

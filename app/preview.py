@@ -8,8 +8,9 @@ import numpy as np
 from nibabel import orientations
 from PIL import Image
 
-from meddpm.geometry import reorder, voxel_sizes
-from meddpm.masks import LabelMask
+from meddpm.imaging.geometry import reorder, voxel_sizes
+from meddpm.imaging.masks import LabelMask
+from meddpm.model.tensors import IMAGE_RANGE
 
 PANEL_PIXELS = 192  # each slice is scaled (nearest neighbour) to about this height
 LABEL_COLOURS = np.array(
@@ -18,7 +19,7 @@ LABEL_COLOURS = np.array(
 
 
 def write_preview(path: Path, mask: LabelMask, image: np.ndarray, channel_names: tuple[str, ...]) -> None:
-    """image: (C, X, Y, Z) on the mask's grid, model range [-1, 1]."""
+    """image: (C, X, Y, Z) on the mask's grid, model range (IMAGE_RANGE)."""
     to_ras = orientations.ornt_transform(orientations.io_orientation(mask.affine), orientations.axcodes2ornt("RAS"))
     ras_zooms = reorder(voxel_sizes(mask.affine), to_ras)
     labels = orientations.apply_orientation(mask.labels, to_ras)
@@ -32,14 +33,19 @@ def write_preview(path: Path, mask: LabelMask, image: np.ndarray, channel_names:
 
 
 def _grey(values: np.ndarray) -> np.ndarray:
-    grey = ((np.clip(values, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    low, high = IMAGE_RANGE
+    grey = ((np.clip(values, low, high) - low) * (255.0 / (high - low))).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def _row(volume: np.ndarray, zooms: np.ndarray, colour) -> np.ndarray:
     """Sagittal, coronal, axial mid-slices of a RAS volume, superior/anterior up, at true aspect."""
     x, y, z = (s // 2 for s in volume.shape)
-    slices = [(volume[x, :, :], zooms[1], zooms[2]), (volume[:, y, :], zooms[0], zooms[2]), (volume[:, :, z], zooms[0], zooms[1])]
+    slices = [
+        (volume[x, :, :], zooms[1], zooms[2]),
+        (volume[:, y, :], zooms[0], zooms[2]),
+        (volume[:, :, z], zooms[0], zooms[1]),
+    ]
     panels = []
     for plane, horizontal_mm, vertical_mm in slices:
         rgb = colour(np.rot90(plane))  # first axis becomes horizontal, second axis points up

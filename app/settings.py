@@ -1,7 +1,8 @@
 """Sampling settings: one table, each setting a flag and an environment variable (the flag wins).
 
 Paths and the Triton address are the MONAI Deploy SDK's own settings (-i/-o/-m, HOLOSCAN_INPUT_PATH,
-HOLOSCAN_OUTPUT_PATH, HOLOSCAN_MODEL_PATH, TRITON_SERVER_NETLOC); this table holds the rest.
+HOLOSCAN_OUTPUT_PATH, HOLOSCAN_MODEL_PATH, TRITON_SERVER_NETLOC); this table holds the rest. It imports only the
+option modules of the core (no DICOM, PACS, Triton or MONAI Deploy library), so that `--help` starts at once.
 """
 
 from __future__ import annotations
@@ -11,16 +12,29 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from enum import StrEnum
 from typing import Any
 
-from meddpm.dicom_input import SegmentMap
-from meddpm.dicom_output import COPYABLE_ATTRIBUTES, IDENTITY_POLICIES
+from meddpm.backends.triton.options import LoopMode, RetryPolicy, Transport
+from meddpm.choices import parse_choice
+from meddpm.dicom.options import COPYABLE_ATTRIBUTES, CStoreDestination, IdentityPolicy, SegmentMap
 from meddpm.errors import ConfigurationError
-from meddpm.pacs import CStoreDestination
-from meddpm.presets import SCHEDULERS
-from meddpm.sampling import FAST_DEFAULT_STEPS, MAX_SEED
-from meddpm.triton_denoiser import TRANSPORTS, RetryPolicy
-from meddpm.triton_sampler import LOOP_MODES
+from meddpm.imaging.formats import OutputFormat
+from meddpm.model.presets import Scheduler
+from meddpm.sampling.request import MAX_SEED
+from meddpm.sampling.schedulers import SCHEDULERS
+
+USAGE = """usage: python -m app [-i INPUT] [-o OUTPUT] [-m MODEL_REPOSITORY] [-l LEVEL] [sampling settings]
+
+  -i/--input   NIfTI mask, DICOM SEG, or a folder of masks and DICOM series (HOLOSCAN_INPUT_PATH, default: input)
+  -o/--output  output folder, one subfolder per mask (HOLOSCAN_OUTPUT_PATH, default: output)
+  -m/--model   Triton model repository from `python -m export` (HOLOSCAN_MODEL_PATH, default: models)
+  --triton-server-netloc HOST:PORT  run the UNet on this Triton server over gRPC (TRITON_SERVER_NETLOC);
+               the model's manifest is still read from -m
+  -l/--log-level DEBUG|INFO|WARN|ERROR
+
+Sampling settings:
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +75,10 @@ def _seed(text: str) -> int:
 def _threads(text: str) -> int:
     value, cores = int(text), len(os.sched_getaffinity(0))
     if not 0 <= value <= cores:
-        raise argparse.ArgumentTypeError(f"{value} threads: choose 0 (one per core) to {cores} (the cores this "
-                                         f"process may use); more threads than cores only slow each step")
+        raise argparse.ArgumentTypeError(
+            f"{value} threads: choose 0 (one per core) to {cores} (the cores this "
+            f"process may use); more threads than cores only slow each step"
+        )
     return value
 
 
@@ -80,45 +96,35 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _transport(text: str) -> str:
-    if text not in TRANSPORTS:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a transport; choose one of {', '.join(TRANSPORTS)}")
-    return text
+def _choice(kind: type[StrEnum], what: str) -> Callable[[str], StrEnum]:
+    """A parser of one member of an option set."""
+
+    def parse(text: str) -> StrEnum:
+        try:
+            return parse_choice(kind, text, what)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
 
 
-def _loop(text: str) -> str:
-    if text not in LOOP_MODES:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a loop mode; choose one of {', '.join(LOOP_MODES)}")
-    return text
-
-
-def _scheduler(text: str) -> str:
-    if text not in SCHEDULERS:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a scheduler; choose one of {', '.join(SCHEDULERS)}")
-    return text
-
-
-OUTPUT_FORMATS = ("nifti", "dicom")
-
-
-def _output_format(text: str) -> str:
-    formats = [f.strip() for f in text.split(",") if f.strip()]
-    if not formats or any(f not in OUTPUT_FORMATS for f in formats):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a list of output formats from {', '.join(OUTPUT_FORMATS)}")
-    return ",".join(f for f in OUTPUT_FORMATS if f in formats)
-
-
-def _identity(text: str) -> str:
-    if text not in IDENTITY_POLICIES:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an identity policy; choose one of {', '.join(IDENTITY_POLICIES)}")
-    return text
+def _output_formats(text: str) -> tuple[OutputFormat, ...]:
+    try:
+        formats = {parse_choice(OutputFormat, f.strip(), "output format") for f in text.split(",") if f.strip()}
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"'{text}': {error}") from None
+    if not formats:
+        raise argparse.ArgumentTypeError(f"'{text}' names no output format; choose from {', '.join(OutputFormat)}")
+    return tuple(f for f in OutputFormat if f in formats)
 
 
 def _keywords(text: str) -> tuple[str, ...]:
     keywords = tuple(k.strip() for k in text.split(",") if k.strip())
     unknown = [k for k in keywords if k not in COPYABLE_ATTRIBUTES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"{', '.join(unknown)} cannot be copied; choose from {', '.join(COPYABLE_ATTRIBUTES)}")
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown)} cannot be copied; choose from {', '.join(COPYABLE_ATTRIBUTES)}"
+        )
     return keywords
 
 
@@ -152,39 +158,117 @@ def _count(text: str) -> int:
 SETTINGS = (
     Setting("model_name", "MEDDPM_MODEL", str, None, "model in the repository (default: the only one there)"),
     Setting("preset", "MEDDPM_PRESET", str, None, "refuse a model exported for any other preset"),
-    Setting("scheduler", "MEDDPM_SCHEDULER", _scheduler, None, f"one of {', '.join(SCHEDULERS)} (default: the preset's; the fast path: dpmpp2m-sde)"),
-    Setting("steps", "MEDDPM_STEPS", _positive, None, "denoising steps, i.e. UNet calls (default: the preset's for its "
-            "own scheduler, else " + ", ".join(f"{k} {v}" for k, v in FAST_DEFAULT_STEPS.items()) + ")"),
+    Setting(
+        "scheduler",
+        "MEDDPM_SCHEDULER",
+        _choice(Scheduler, "scheduler"),
+        None,
+        f"one of {', '.join(Scheduler)} (default: the preset's; the fast path: dpmpp2m-sde)",
+    ),
+    Setting(
+        "steps",
+        "MEDDPM_STEPS",
+        _positive,
+        None,
+        "denoising steps, i.e. UNet calls (default: the preset's for its "
+        "own scheduler, else "
+        + ", ".join(f"{k} {v.default_steps}" for k, v in SCHEDULERS.items() if v.default_steps)
+        + ")",
+    ),
     Setting("seed", "MEDDPM_SEED", _seed, None, "seed of sample 0; sample i uses seed + i (default: random, recorded)"),
     Setting("samples", "MEDDPM_SAMPLES", _positive, 1, "synthetic volumes per mask"),
     Setting("batch_size", "MEDDPM_BATCH_SIZE", _positive, 1, "samples sent through the UNet together"),
     Setting("rescale", "MEDDPM_RESCALE", _rescale, None, "MIN,MAX: map the model range [-1, 1] linearly onto it"),
-    Setting("threads", "MEDDPM_THREADS", _threads, 0, "ONNX Runtime intra-op threads, at most one per core (0: one per core)"),
-    Setting("triton_model", "MEDDPM_TRITON_MODEL", str, None, "served model to call (default: NAME or NAME_cpu, "
-            "whichever is ready)"),
-    Setting("triton_transport", "MEDDPM_TRITON_TRANSPORT", _transport, "auto", "shm: shared memory (same host); "
-            "network: tensors in the gRPC messages; auto: shm when the server is on this host and can map it"),
-    Setting("triton_loop", "MEDDPM_TRITON_LOOP", _loop, "client", "client: the app runs the loop, one request per "
-            "step; server: the server runs it (NAME_sampler), one request per volume, progress streamed"),
-    Setting("triton_deadline", "MEDDPM_TRITON_DEADLINE", _seconds, RetryPolicy.deadline_s, "seconds one UNet call "
-            "(server-side loop: one step) may take before it is retried (server-side loop: cancelled)"),
-    Setting("triton_retry_window", "MEDDPM_TRITON_RETRY_WINDOW", _seconds, RetryPolicy.window_s, "seconds to wait "
-            "for a server that is away (at the start, or restarting mid-run) before giving up"),
-    Setting("output_format", "MEDDPM_OUTPUT_FORMAT", _output_format, "nifti", "nifti, dicom or nifti,dicom: NIfTI "
-            "volumes and/or one DICOM MR series per sample and channel"),
-    Setting("segment_map", "MEDDPM_SEGMENT_MAP", _segment_map, None, "SEGMENT=LABEL,...: DICOM SEG segments "
-            "(number or label) to preset labels, e.g. Brain=1,Tumour=2 (default: segment n is label n)"),
-    Setting("dicom_identity", "MEDDPM_DICOM_IDENTITY", _identity, "pseudonymous", "pseudonymous: a new patient and "
-            "study, nothing copied; keep-study: the DICOM mask's patient and study"),
-    Setting("dicom_copy", "MEDDPM_DICOM_COPY", _keywords, None, "attributes copied from a DICOM mask into the output "
-            "(from the list in the README's DICOM section)"),
-    Setting("pacs_cstore", "MEDDPM_PACS_CSTORE", _cstore, None, "AE@HOST:PORT: send the DICOM "
-            "series there by C-STORE"),
+    Setting(
+        "threads",
+        "MEDDPM_THREADS",
+        _threads,
+        0,
+        "ONNX Runtime intra-op threads, at most one per core (0: one per core)",
+    ),
+    Setting(
+        "triton_model",
+        "MEDDPM_TRITON_MODEL",
+        str,
+        None,
+        "served model to call (default: NAME or NAME_cpu, whichever is ready)",
+    ),
+    Setting(
+        "triton_transport",
+        "MEDDPM_TRITON_TRANSPORT",
+        _choice(Transport, "transport"),
+        Transport.AUTO,
+        "shm: shared memory (same host); "
+        "network: tensors in the gRPC messages; auto: shm when the server is on this host and can map it",
+    ),
+    Setting(
+        "triton_loop",
+        "MEDDPM_TRITON_LOOP",
+        _choice(LoopMode, "loop mode"),
+        LoopMode.CLIENT,
+        "client: the app runs the loop, one request per "
+        "step; server: the server runs it (NAME_sampler), one request per volume, progress streamed",
+    ),
+    Setting(
+        "triton_deadline",
+        "MEDDPM_TRITON_DEADLINE",
+        _seconds,
+        RetryPolicy.deadline_s,
+        "seconds one UNet call "
+        "(server-side loop: one step) may take before it is retried (server-side loop: cancelled)",
+    ),
+    Setting(
+        "triton_retry_window",
+        "MEDDPM_TRITON_RETRY_WINDOW",
+        _seconds,
+        RetryPolicy.window_s,
+        "seconds to wait for a server that is away (at the start, or restarting mid-run) before giving up",
+    ),
+    Setting(
+        "output_format",
+        "MEDDPM_OUTPUT_FORMAT",
+        _output_formats,
+        (OutputFormat.NIFTI,),
+        "nifti, dicom or nifti,dicom: NIfTI volumes and/or one DICOM MR series per sample and channel",
+    ),
+    Setting(
+        "segment_map",
+        "MEDDPM_SEGMENT_MAP",
+        _segment_map,
+        None,
+        "SEGMENT=LABEL,...: DICOM SEG segments "
+        "(number or label) to preset labels, e.g. Brain=1,Tumour=2 (default: segment n is label n)",
+    ),
+    Setting(
+        "dicom_identity",
+        "MEDDPM_DICOM_IDENTITY",
+        _choice(IdentityPolicy, "identity policy"),
+        IdentityPolicy.PSEUDONYMOUS,
+        "pseudonymous: a new patient and study, nothing copied; keep-study: the DICOM mask's patient and study",
+    ),
+    Setting(
+        "dicom_copy",
+        "MEDDPM_DICOM_COPY",
+        _keywords,
+        None,
+        "attributes copied from a DICOM mask into the output (from the list in the README's DICOM section)",
+    ),
+    Setting("pacs_cstore", "MEDDPM_PACS_CSTORE", _cstore, None, "AE@HOST:PORT: send the DICOM series there by C-STORE"),
     Setting("pacs_calling_ae", "MEDDPM_PACS_CALLING_AE", _ae_title, "MEDDPM", "our AE title for C-STORE"),
-    Setting("pacs_stow_url", "MEDDPM_PACS_STOW_URL", str, None, "DICOMweb base URL: send the DICOM series there by "
-            "STOW-RS (credentials: MEDDPM_DICOMWEB_* variables only)"),
-    Setting("pacs_retries", "MEDDPM_PACS_RETRIES", _count, 3, "retries of a PACS transfer that failed for want of "
-            "a connection (pauses 1, 2, 4 ... s)"),
+    Setting(
+        "pacs_stow_url",
+        "MEDDPM_PACS_STOW_URL",
+        str,
+        None,
+        "DICOMweb base URL: send the DICOM series there by STOW-RS (credentials: MEDDPM_DICOMWEB_* variables only)",
+    ),
+    Setting(
+        "pacs_retries",
+        "MEDDPM_PACS_RETRIES",
+        _count,
+        3,
+        "retries of a PACS transfer that failed for want of a connection (pauses 1, 2, 4 ... s)",
+    ),
 )
 
 
@@ -192,7 +276,7 @@ SETTINGS = (
 class SamplingSettings:
     model_name: str | None = None
     preset: str | None = None
-    scheduler: str | None = None
+    scheduler: Scheduler | None = None
     steps: int | None = None
     seed: int | None = None
     samples: int = 1
@@ -200,13 +284,13 @@ class SamplingSettings:
     rescale: tuple[float, float] | None = None
     threads: int = 0
     triton_model: str | None = None
-    triton_transport: str = "auto"
-    triton_loop: str = "client"
+    triton_transport: Transport = Transport.AUTO
+    triton_loop: LoopMode = LoopMode.CLIENT
     triton_deadline: float = RetryPolicy.deadline_s
     triton_retry_window: float = RetryPolicy.window_s
-    output_format: str = "nifti"
+    output_format: tuple[OutputFormat, ...] = (OutputFormat.NIFTI,)
     segment_map: SegmentMap | None = None
-    dicom_identity: str = "pseudonymous"
+    dicom_identity: IdentityPolicy = IdentityPolicy.PSEUDONYMOUS
     dicom_copy: tuple[str, ...] | None = None
     pacs_cstore: CStoreDestination | None = None
     pacs_calling_ae: str = "MEDDPM"
@@ -236,5 +320,15 @@ def settings_help() -> str:
     """The table, for --help and the README."""
     lines = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
-        lines.append(f"| `{s.flag}` | `{s.env}` | {'-' if s.default is None else s.default} | {s.help} |")
+        lines.append(f"| `{s.flag}` | `{s.env}` | {_shown(s.default)} | {s.help} |")
     return "\n".join(lines)
+
+
+def help_text() -> str:
+    return USAGE + settings_help()
+
+
+def _shown(default: Any) -> str:
+    if default is None:
+        return "-"
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)

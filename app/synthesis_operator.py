@@ -7,20 +7,26 @@ import functools
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from app.report import RunReport
 from app.settings import SamplingSettings
-from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
-from meddpm.errors import ConfigurationError
-from meddpm.geometry import ModelGrid, check_label_fit, condition_channels
-from meddpm.masks import LabelMask
-from meddpm.memory import check_mask_fits
-from meddpm.sampling import MAX_SEED, check_steps, default_steps, sample
-from meddpm.served_model import ServedModel
-from meddpm.triton_sampler import TritonServerLoop
+from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
+from meddpm.imaging.formats import OutputFormat
+from meddpm.imaging.geometry import ModelGrid, check_label_fit, condition_channels
+from meddpm.imaging.masks import LabelMask
+from meddpm.imaging.memory import check_mask_fits
+from meddpm.model.repository import ServedModel
+from meddpm.sampling.denoiser import Denoiser
+from meddpm.sampling.loop import sample
+from meddpm.sampling.request import SamplingRequest
+from meddpm.sampling.schedulers import default_steps
+
+if TYPE_CHECKING:
+    from meddpm.backends.triton.server_loop import TritonServerLoop
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("meddpm.progress")
@@ -35,11 +41,9 @@ class Synthesis:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingPlan:
-    """The settings resolved against the model's preset: what every mask of the run gets."""
+    """The settings resolved against the model's preset: what every mask of the run gets, in batches."""
 
-    scheduler: str
-    steps: int
-    seeds: list[int]
+    request: SamplingRequest
     batch_size: int
 
     @classmethod
@@ -47,26 +51,33 @@ class SamplingPlan:
         schedule = model.preset.schedule
         scheduler = settings.scheduler or schedule.default_scheduler
         steps = settings.steps or default_steps(scheduler, schedule)
-        check_steps(scheduler, steps, schedule)
         seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
-        if seed + settings.samples - 1 > MAX_SEED:
-            raise ConfigurationError(f"--seed {seed} with {settings.samples} samples passes the largest seed, {MAX_SEED}; "
-                                     f"sample i uses seed + i: choose a seed up to {MAX_SEED - settings.samples + 1}")
-        return cls(scheduler, steps, [seed + i for i in range(settings.samples)], settings.batch_size)
+        request = SamplingRequest(scheduler, steps, seed, settings.samples)
+        request.check(schedule)
+        return cls(request, settings.batch_size)
 
 
 class SynthesisOperator(Operator):
     """Synthesises the samples of one mask per tick.
 
     Named Input:
-        mask: meddpm.masks.LabelMask
+        mask: meddpm.imaging.masks.LabelMask
     Named Output:
         synthesis: Synthesis
     """
 
-    def __init__(self, fragment: Fragment, *args, model: ServedModel, denoiser: Denoiser, plan: SamplingPlan,
-                 report: RunReport, output_formats: tuple[str, ...], server_loop: TritonServerLoop | None = None,
-                 **kwargs):
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        model: ServedModel,
+        denoiser: Denoiser,
+        plan: SamplingPlan,
+        report: RunReport,
+        output_formats: tuple[OutputFormat, ...],
+        server_loop: TritonServerLoop | None = None,
+        **kwargs,
+    ):
         self.input_name_mask = "mask"
         self.output_name_synthesis = "synthesis"
         self._model = model
@@ -96,35 +107,49 @@ class SynthesisOperator(Operator):
         started = time.monotonic()
         grid = ModelGrid(mask.labels.shape, mask.affine, preset)
         in_process = isinstance(self._denoiser, OnnxRuntimeDenoiser)
-        check_mask_fits(mask.source, grid, len(plan.seeds), min(plan.batch_size, len(plan.seeds)),
-                        self._model.onnx_path.stat().st_size if in_process else None, self._output_formats)
+        samples = plan.request.samples
+        check_mask_fits(
+            mask.source,
+            grid,
+            samples,
+            min(plan.batch_size, samples),
+            self._model.onnx_path.stat().st_size if in_process else None,
+            self._output_formats,
+        )
         fit = grid.fit_labels(mask.labels)
         for warning in check_label_fit(mask.source, grid, fit):
             log.warning("%s", warning)
         condition = condition_channels(fit.network_labels, preset)
         prepared = time.monotonic()
-        batches = [plan.seeds[i : i + plan.batch_size] for i in range(0, len(plan.seeds), plan.batch_size)]
+        batches = plan.request.batches(plan.batch_size)
         loop = self._server_loop.sample if self._server_loop else functools.partial(sample, self._denoiser)
         images = []
-        for number, seeds in enumerate(batches, 1):
+        for number, batch in enumerate(batches, 1):
             label = f"{mask.name} batch {number}/{len(batches)}"
-            images.append(loop(condition, preset.out_channels, plan.scheduler, plan.steps,
-                               preset.schedule, seeds, StepProgress(label), self._report.stop))
+            images.append(loop(condition, batch, preset, progress=StepProgress(label), stop=self._report.stop))
         sampled = time.monotonic()
-        samples = [grid.image_from_network(image) for image in np.concatenate(images)]
+        volumes = [grid.image_from_network(image) for image in np.concatenate(images)]
         record = {
-            "scheduler": plan.scheduler,
-            "steps": plan.steps,
-            "seeds": plan.seeds,
+            "scheduler": plan.request.scheduler,
+            "steps": plan.request.steps,
+            "seeds": plan.request.seeds,
             "batch_size": plan.batch_size,
             "backend": (self._server_loop or self._denoiser).name,
-            "grid": {"mask_shape": list(mask.labels.shape), "network_grid": list(preset.image.grid),
-                     "resampled": grid.resampled, "exact": grid.exact, **fit.record()},
-            "timings_s": {"prepare": round(prepared - started, 3), "sampling": round(sampled - prepared, 3),
-                          "per_step": round((sampled - prepared) / (plan.steps * len(batches)), 4),
-                          "restore": round(time.monotonic() - sampled, 3)},
+            "grid": {
+                "mask_shape": list(mask.labels.shape),
+                "network_grid": list(preset.image.grid),
+                "resampled": grid.resampled,
+                "exact": grid.exact,
+                **fit.record(),
+            },
+            "timings_s": {
+                "prepare": round(prepared - started, 3),
+                "sampling": round(sampled - prepared, 3),
+                "per_step": round((sampled - prepared) / (plan.request.steps * len(batches)), 4),
+                "restore": round(time.monotonic() - sampled, 3),
+            },
         }
-        return Synthesis(mask, samples, record)
+        return Synthesis(mask, volumes, record)
 
 
 class StepProgress:

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from export.cli import main as export_main
-from meddpm.presets import get_preset
-from meddpm.served_model import ServedModel, find_model
+from meddpm.model.presets import get_preset
+from meddpm.model.repository import ServedModel, find_model
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "demo" / "model_demo.pt"
 
@@ -25,6 +25,21 @@ def demo_at_grid(side: int, folder: Path) -> ServedModel:
     presets_file = folder / f"demo-{side}.toml"
     presets_file.write_text("\n".join(lines) + "\n")
     repository = folder / f"repository-{side}"
-    assert export_main(["--checkpoint", str(DEMO_CHECKPOINT), "--preset", f"demo-{side}", "--presets",
-                        str(presets_file), "--repository", str(repository), "--name", "meddpm_bench"]) == 0
+    assert (
+        export_main(
+            [
+                "--checkpoint",
+                str(DEMO_CHECKPOINT),
+                "--preset",
+                f"demo-{side}",
+                "--presets",
+                str(presets_file),
+                "--repository",
+                str(repository),
+                "--name",
+                "meddpm_bench",
+            ]
+        )
+        == 0
+    )
     return find_model(repository, "meddpm_bench")

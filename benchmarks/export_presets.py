@@ -15,9 +15,9 @@ from pathlib import Path
 
 from benchmarks.random_weights import random_unet
 from export import onnx_graph
-from meddpm.checkpoint import load_checkpoint, save_meddpm_checkpoint
-from meddpm.presets import get_preset
-from meddpm.unet import ConditionalDenoiser
+from meddpm.model.checkpoint import load_checkpoint, save_meddpm_checkpoint
+from meddpm.model.presets import get_preset
+from meddpm.model.unet import ConditionalDenoiser
 
 
 def measure(name: str, folder: Path) -> dict:
@@ -32,24 +32,38 @@ def measure(name: str, folder: Path) -> dict:
     onnx_graph.export_onnx(model, preset, onnx_path)
     exported = time.monotonic()
     verification = onnx_graph.verify_onnx(onnx_path, model, preset)
-    return {"preset": name, "parameters": sum(p.numel() for p in unet.parameters()), "load_s": loaded - started,
-            "export_s": exported - loaded, "verify_s": verification.seconds, "grids": verification.cases,
-            "max_abs": verification.max_abs_error, "max_rel": verification.max_relative_error,
-            "passed": verification.passed, "onnx_mb": onnx_path.stat().st_size / 2**20}
+    return {
+        "preset": name,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "load_s": loaded - started,
+        "export_s": exported - loaded,
+        "verify_s": verification.seconds,
+        "grids": verification.cases,
+        "max_abs": verification.max_abs_error,
+        "max_rel": verification.max_relative_error,
+        "passed": verification.passed,
+        "onnx_mb": onnx_path.stat().st_size / 2**20,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["whole-head", "brats", "fast-sampling"])
     args = parser.parse_args()
-    print("| preset | parameters | load s | export s | verify s (grids) | max abs error | max relative error | ONNX MB |")
+    print(
+        "| preset | parameters | load s | export s | verify s (grids) | max abs error | max relative error | ONNX MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for name in args.presets:
             r = measure(name, Path(work))
             grids = ", ".join("x".join(map(str, c.grid)) for c in r["grids"])
-            print(f"| {name} | {r['parameters']:,} | {r['load_s']:.1f} | {r['export_s']:.1f} | {r['verify_s']:.1f} ({grids}) | "
-                  f"{r['max_abs']:.1e} | {r['max_rel']:.1e} {'pass' if r['passed'] else 'FAIL'} | {r['onnx_mb']:.0f} |", flush=True)
+            print(
+                f"| {name} | {r['parameters']:,} | {r['load_s']:.1f} | {r['export_s']:.1f} | "
+                f"{r['verify_s']:.1f} ({grids}) | "
+                f"{r['max_abs']:.1e} | {r['max_rel']:.1e} {'pass' if r['passed'] else 'FAIL'} | {r['onnx_mb']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.random_weights import random_unet
-from meddpm.presets import get_preset
-from meddpm.unet import ConditionalDenoiser
+from meddpm.model.presets import get_preset
+from meddpm.model.unet import ConditionalDenoiser
 
 FLOOR_MS_128 = 28.0
 CUDA_ONLY = {"tf32", "fp16", "fp16-channels-last", "fp16-compile", "fp16-cuda-graph"}
@@ -44,7 +44,11 @@ def variant_call(name: str, model: ConditionalDenoiser, device: str) -> Callable
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
     dtype = torch.float16 if name.startswith("fp16") else torch.bfloat16 if name == "bf16" else None
     channels_last = "channels-last" in name
-    net = model.to(memory_format=torch.channels_last_3d) if channels_last else model.to(memory_format=torch.contiguous_format)
+    net = (
+        model.to(memory_format=torch.channels_last_3d)
+        if channels_last
+        else model.to(memory_format=torch.contiguous_format)
+    )
     if name == "fp16-compile":
         net = torch.compile(net)
     elif name == "fp16-cuda-graph":
@@ -61,8 +65,9 @@ def variant_call(name: str, model: ConditionalDenoiser, device: str) -> Callable
     return call
 
 
-def measure(name: str, call: Callable, inputs: tuple, reference: torch.Tensor | None, device: str,
-            repeats: int) -> dict:
+def measure(
+    name: str, call: Callable, inputs: tuple, reference: torch.Tensor | None, device: str, repeats: int
+) -> dict:
     for _ in range(3):  # warm-up: cuDNN autotuning, compilation, graph capture
         output = call(*inputs)
     times = []
@@ -99,9 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     preset = get_preset(args.preset)
     generator = torch.Generator().manual_seed(1)
     shape = (args.grid,) * 3
-    inputs = (torch.randn((1, preset.out_channels, *shape), generator=generator).to(args.device),
-              (torch.rand((1, len(preset.condition.labels), *shape), generator=generator) > 0.5).float().to(args.device),
-              torch.tensor([125.0], device=args.device))
+    inputs = (
+        torch.randn((1, preset.out_channels, *shape), generator=generator).to(args.device),
+        (torch.rand((1, len(preset.condition.labels), *shape), generator=generator) > 0.5).float().to(args.device),
+        torch.tensor([125.0], device=args.device),
+    )
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     rows, reference = [], None
     for name in ["fp32", *(v for v in variants if v != "fp32")]:
@@ -113,20 +120,27 @@ def main(argv: list[str] | None = None) -> None:
         if args.device == "cuda":
             figures["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         rows.append(figures)
-    print(f"{device_name}, torch {torch.__version__}, preset {args.preset} at {args.grid}^3, batch 1, "
-          f"{args.repeats} timed calls after warm-up")
-    print("| variant | ms/step median (min-max) | ratio to fp32 | x floor (28 ms at 128^3) | max rel. error vs fp32 "
-          "| 250 steps s | 20 steps s | peak GPU MiB |")
+    print(
+        f"{device_name}, torch {torch.__version__}, preset {args.preset} at {args.grid}^3, batch 1, "
+        f"{args.repeats} timed calls after warm-up"
+    )
+    print(
+        "| variant | ms/step median (min-max) | ratio to fp32 | x floor (28 ms at 128^3) | max rel. error vs fp32 "
+        "| 250 steps s | 20 steps s | peak GPU MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['ms_median']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
-              f"{r['ms_median'] / rows[0]['ms_median']:.2f} | "
-              f"{r['ms_median'] / FLOOR_MS_128 if args.grid == 128 else float('nan'):.2f} | "
-              f"{r.get('max_rel_error_vs_fp32', 0.0):.1e} | {0.25 * r['ms_median']:.1f} | {0.02 * r['ms_median']:.2f} | "
-              f"{r.get('peak_gpu_mib', float('nan')):.0f} |")
+        print(
+            f"| {r['variant']} | {r['ms_median']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
+            f"{r['ms_median'] / rows[0]['ms_median']:.2f} | "
+            f"{r['ms_median'] / FLOOR_MS_128 if args.grid == 128 else float('nan'):.2f} | "
+            f"{r.get('max_rel_error_vs_fp32', 0.0):.1e} | {0.25 * r['ms_median']:.1f} | {0.02 * r['ms_median']:.2f} | "
+            f"{r.get('peak_gpu_mib', float('nan')):.0f} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "preset": args.preset, "grid": args.grid,
-                                         "rows": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"device": device_name, "preset": args.preset, "grid": args.grid, "rows": rows}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

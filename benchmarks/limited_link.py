@@ -40,8 +40,10 @@ def limited_link(rate: str, subnet: str = "10.201.0") -> Iterator[Link]:
     try:
         _ip("netns", "add", namespace)
     except (subprocess.CalledProcessError, FileNotFoundError) as error:
-        raise ConfigurationError(f"cannot create a network namespace ({getattr(error, 'stderr', error)}); "
-                                 f"run as root with iproute2, or leave out --link-rate") from None
+        raise ConfigurationError(
+            f"cannot create a network namespace ({getattr(error, 'stderr', error)}); "
+            f"run as root with iproute2, or leave out --link-rate"
+        ) from None
     try:
         _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
         _ip("link", "set", inside, "netns", namespace)

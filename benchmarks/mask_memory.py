@@ -22,9 +22,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from meddpm.geometry import ModelGrid
-from meddpm.memory import mask_memory_estimate
-from meddpm.served_model import find_model
+from meddpm.imaging.geometry import ModelGrid
+from meddpm.imaging.memory import mask_memory_estimate
+from meddpm.model.repository import find_model
 
 DEFAULT_CASES = ("32:6:1", "128:1.5:1", "256:0.75:1", "256:0.75:8", "256:0.75:30", "32:24:1", "32:48:1", "24:64:1")
 
@@ -48,8 +48,27 @@ def one_case(repository: str, side: int, voxel_mm: float, samples: int, formats:
         path = Path(folder) / "head.nii.gz"
         nib.save(nib.Nifti1Image(*head_mask(side, voxel_mm)), path)
         started = time.perf_counter()
-        code = app_main(["app", "-i", str(path), "-o", str(Path(folder) / "out"), "-m", repository, "--scheduler",
-                         "ddim", "--steps", "2", "--seed", "0", "--samples", str(samples), "--output-format", formats])
+        code = app_main(
+            [
+                "app",
+                "-i",
+                str(path),
+                "-o",
+                str(Path(folder) / "out"),
+                "-m",
+                repository,
+                "--scheduler",
+                "ddim",
+                "--steps",
+                "2",
+                "--seed",
+                "0",
+                "--samples",
+                str(samples),
+                "--output-format",
+                formats,
+            ]
+        )
         seconds = time.perf_counter() - started
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     print(json.dumps({"exit_code": code, "peak_rss_mib": int(status["VmHWM"].split()[0]) / 1024, "seconds": seconds}))
@@ -68,22 +87,40 @@ def main(argv: list[str] | None = None) -> None:
     model = find_model(Path(args.repository))
     weights = model.onnx_path.stat().st_size
     print(f"model {model.name}, output {args.output_format}, DDIM 2 steps in process, one fresh process per case")
-    print("| mask | voxel mm | resampled to | samples | peak RSS MiB (measured) | estimate MiB | estimate / measured "
-          "| s |")
+    print(
+        "| mask | voxel mm | resampled to | samples | peak RSS MiB (measured) | estimate MiB | estimate / measured "
+        "| s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for case in args.cases:
         side, voxel_mm, samples = case.split(":")
         answer = subprocess.run(
-            [sys.executable, "-m", "benchmarks.mask_memory", "--repository", args.repository, "--output-format",
-             args.output_format, "--one-case", case], capture_output=True, text=True, check=True)
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.mask_memory",
+                "--repository",
+                args.repository,
+                "--output-format",
+                args.output_format,
+                "--one-case",
+                case,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         figures = json.loads(answer.stdout.strip().splitlines()[-1])
         if figures["exit_code"] != 0:
             raise SystemExit(f"case {case}: the app exited with {figures['exit_code']}:\n{answer.stderr[-2000:]}")
         grid = ModelGrid((int(side),) * 3, head_mask(2, float(voxel_mm))[1], model.preset)
         estimate = mask_memory_estimate(grid, int(samples), 1, weights, tuple(args.output_format.split(","))) / 2**20
-        print(f"| {side}³ | {voxel_mm} | {'x'.join(map(str, grid.resampled_shape))} | {samples} | "
-              f"{figures['peak_rss_mib']:.0f} | {estimate:.0f} | {estimate / figures['peak_rss_mib']:.2f} | "
-              f"{figures['seconds']:.1f} |", flush=True)
+        print(
+            f"| {side}³ | {voxel_mm} | {'x'.join(map(str, grid.resampled_shape))} | {samples} | "
+            f"{figures['peak_rss_mib']:.0f} | {estimate:.0f} | {estimate / figures['peak_rss_mib']:.2f} | "
+            f"{figures['seconds']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Variants:
 - no-spinning: worker threads sleep between calls instead of spinning (`session.intra_op.allow_spinning` 0);
 - extended: graph optimisations up to "extended" only (stock: "all", which adds layout transformations);
 - io-binding: the condition bound once per volume, the output written straight into a caller-owned array
-  (what `meddpm.denoisers.OnnxRuntimeDenoiser` does).
+  (what `meddpm.backends.onnxruntime.OnnxRuntimeDenoiser` does).
 Prints per variant the median call time, its interquartile range and the ratio to stock.
 """
 
@@ -26,15 +26,16 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from benchmarks.demo_grid import demo_at_grid
-from meddpm.denoisers import Denoiser, OnnxRuntimeDenoiser
-from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
+from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
+from meddpm.model.tensors import INPUTS, PREDICTED_NOISE
+from meddpm.sampling.denoiser import Denoiser, NoisePredictor
 
 VARIANTS = ("stock", "threads-1", "threads-2", "no-spinning", "extended", "io-binding")
 
@@ -59,18 +60,28 @@ class StockOnnxRuntimeDenoiser(Denoiser):
     def __init__(self, onnx_path: Path, **options: object):
         self.session = stock_session(onnx_path, **options)
 
-    def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], dict(zip(INPUT_NAMES, (noisy_image, condition, timestep))))[0]
+    @contextlib.contextmanager
+    def conditioned(self, condition: np.ndarray) -> Iterator[NoisePredictor]:
+        def predict_noise(noisy_image: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+            feed = dict(zip(INPUTS, (noisy_image, condition, timestep)))
+            return self.session.run([PREDICTED_NOISE], feed)[0]
+
+        yield predict_noise
 
 
-def variant_call(name: str, onnx_path: Path, condition: np.ndarray,
-                 stack: contextlib.ExitStack) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def variant_call(
+    name: str, onnx_path: Path, condition: np.ndarray, stack: contextlib.ExitStack
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """A function (noisy_image, timestep) -> noise running the UNet as the variant says."""
     if name == "io-binding":  # bound once, as for one volume
         return stack.enter_context(OnnxRuntimeDenoiser(onnx_path).conditioned(condition))
-    options = {"stock": {}, "threads-1": {"intra_op_num_threads": 1}, "threads-2": {"intra_op_num_threads": 2},
-               "no-spinning": {"config": {"session.intra_op.allow_spinning": "0"}},
-               "extended": {"graph_optimization_level": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}}[name]
+    options = {
+        "stock": {},
+        "threads-1": {"intra_op_num_threads": 1},
+        "threads-2": {"intra_op_num_threads": 2},
+        "no-spinning": {"config": {"session.intra_op.allow_spinning": "0"}},
+        "extended": {"graph_optimization_level": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED},
+    }[name]
     denoiser = StockOnnxRuntimeDenoiser(onnx_path, **options)
     return lambda noisy_image, timestep: denoiser.predict(noisy_image, timestep, condition)
 
@@ -87,7 +98,7 @@ def measure_grid(side: int, calls: int, rounds: int, variants: list[str], folder
         runners = {name: variant_call(name, model.onnx_path, condition, stack) for name in variants}
         outputs = {name: run(noisy, timestep) for name, run in runners.items()}  # warm-up; results compared
         for round_ in range(rounds):
-            order = variants[round_ % len(variants):] + variants[:round_ % len(variants)]
+            order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
             for name in order:
                 runners[name](noisy, timestep)  # not timed: the previous session's threads may still spin
                 for _ in range(calls):
@@ -98,9 +109,12 @@ def measure_grid(side: int, calls: int, rounds: int, variants: list[str], folder
     rows = {}
     for name, values in times.items():
         median = statistics.median(values)
-        rows[name] = {"ms_median": 1e3 * median, "ms_iqr": 1e3 * float(np.subtract(*np.percentile(values, [75, 25]))),
-                      "ratio_vs_stock": median / stock if stock else None,
-                      "max_abs_diff_vs_first": float(np.abs(outputs[name] - outputs[variants[0]]).max())}
+        rows[name] = {
+            "ms_median": 1e3 * median,
+            "ms_iqr": 1e3 * float(np.subtract(*np.percentile(values, [75, 25]))),
+            "ratio_vs_stock": median / stock if stock else None,
+            "max_abs_diff_vs_first": float(np.abs(outputs[name] - outputs[variants[0]]).max()),
+        }
     return {"grid": side, "calls": calls * rounds, "variants": rows}
 
 
@@ -109,14 +123,17 @@ def table(results: list[dict]) -> str:
     for r in results:
         for name, f in r["variants"].items():
             ratio = "-" if f["ratio_vs_stock"] is None else f"{f['ratio_vs_stock']:.3f}"
-            lines.append(f"| {r['grid']}³ | {name} | {f['ms_median']:.1f} ± {f['ms_iqr']:.1f} | {ratio} | "
-                         f"{f['max_abs_diff_vs_first']:.1e} |")
+            lines.append(
+                f"| {r['grid']}³ | {name} | {f['ms_median']:.1f} ± {f['ms_iqr']:.1f} | {ratio} | "
+                f"{f['max_abs_diff_vs_first']:.1e} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.onnxruntime_options",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.onnxruntime_options", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--grids", type=int, nargs="+", default=[32, 64], help="cube sides, multiples of 4")
     parser.add_argument("--calls", type=int, default=10, help="calls per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -125,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         results = [measure_grid(side, args.calls, args.rounds, args.variants, Path(folder)) for side in args.grids]
-    header = (f"{platform.node()}, {os.cpu_count()} CPU cores, ONNX Runtime {ort.__version__}, "
-              f"{time.strftime('%Y-%m-%d')}: demo model, batch 1, {args.calls * args.rounds} calls per variant")
+    header = (
+        f"{platform.node()}, {os.cpu_count()} CPU cores, ONNX Runtime {ort.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}: demo model, batch 1, {args.calls * args.rounds} calls per variant"
+    )
     print(header)
     print(table(results))
     if args.json:

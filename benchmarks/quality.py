@@ -23,15 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from meddpm.denoisers import OnnxRuntimeDenoiser
-from meddpm.geometry import ModelGrid, condition_channels
-from meddpm.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
-from meddpm.presets import SCHEDULERS
-from meddpm.sampling import sample
-from meddpm.served_model import find_model
+from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
+from meddpm.imaging.geometry import ModelGrid, condition_channels
+from meddpm.imaging.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
+from meddpm.model.presets import Scheduler
+from meddpm.model.repository import find_model
+from meddpm.sampling.loop import sample
+from meddpm.sampling.request import SamplingRequest
 
 REFERENCE = ("ddpm", 250)
-FAST_SCHEDULERS = tuple(name for name in SCHEDULERS if name != "ddpm")
+FAST_SCHEDULERS = tuple(name for name in Scheduler if name != Scheduler.DDPM)
 LABELS = {"brain": BRAIN, "tumour": TUMOUR}
 
 
@@ -44,24 +45,35 @@ def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, ru
     phantoms = [make_phantom(rng, preset.image.mask_shape, preset.image.voxel_size_mm[0]) for _ in range(masks)]
     grid = ModelGrid(preset.image.mask_shape, affine, preset)
     ceiling = per_sample_dice([(image, mask) for mask, image in phantoms])
-    results = {"model": model.name, "masks": masks, "samples_per_mask": 2, "seed": seed,
-               "ground_truth_ceiling": {label: _stats(values) for label, values in ceiling.items()}, "runs": []}
+    results = {
+        "model": model.name,
+        "masks": masks,
+        "samples_per_mask": 2,
+        "seed": seed,
+        "ground_truth_ceiling": {label: _stats(values) for label, values in ceiling.items()},
+        "runs": [],
+    }
     reference = None
     for name, steps in runs:
         started = time.monotonic()
         pairs, diversity = [], []
         for index, (mask, _) in enumerate(phantoms):
             condition = condition_channels(grid.labels_to_network(mask), preset)
-            images = sample(denoiser, condition, preset.out_channels, name, steps, preset.schedule,
-                            seeds=[seed * 1000 + 2 * index, seed * 1000 + 2 * index + 1])
+            images = sample(
+                denoiser, condition, SamplingRequest(name, steps, seed * 1000 + 2 * index, samples=2), preset
+            )
             on_mask_grid = [grid.image_from_network(image)[0] for image in images]
             pairs += [(image, mask) for image in on_mask_grid]
             diversity.append(float(np.abs(on_mask_grid[0] - on_mask_grid[1])[mask > 0].mean()))
         scores = per_sample_dice(pairs)
         reference = scores if (name, steps) == REFERENCE else reference
-        entry = {"scheduler": name, "steps": steps, "seconds": round(time.monotonic() - started, 1),
-                 **{f"dice_{label}": _stats(values) for label, values in scores.items()},
-                 "diversity": _stats(diversity)}
+        entry = {
+            "scheduler": name,
+            "steps": steps,
+            "seconds": round(time.monotonic() - started, 1),
+            **{f"dice_{label}": _stats(values) for label, values in scores.items()},
+            "diversity": _stats(diversity),
+        }
         if reference is not None:
             entry["vs_ddpm250"] = {label: _paired(scores[label], reference[label]) for label in LABELS}
         results["runs"].append(entry)
@@ -71,9 +83,13 @@ def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, ru
 
 def per_sample_dice(images_and_masks: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, list[float]]:
     """Dice per label and sample; NaN where the mask lacks the label (tumour-free heads)."""
-    return {name: [dice(segment(image), mask, label) if (mask == label).any() else float("nan")
-                   for image, mask in images_and_masks]
-            for name, label in LABELS.items()}
+    return {
+        name: [
+            dice(segment(image), mask, label) if (mask == label).any() else float("nan")
+            for image, mask in images_and_masks
+        ]
+        for name, label in LABELS.items()
+    }
 
 
 def suggested_defaults(results: dict, tolerance: float) -> dict[str, int]:
@@ -100,12 +116,17 @@ def _paired(values: list[float], reference: list[float]) -> dict:
     differences = differences[~np.isnan(differences)]
     if len(differences) < 2:
         return {"n": len(differences)}
-    return {"mean": round(float(differences.mean()), 4),
-            "sem": round(float(differences.std(ddof=1) / np.sqrt(len(differences))), 4), "n": len(differences)}
+    return {
+        "mean": round(float(differences.mean()), 4),
+        "sem": round(float(differences.std(ddof=1) / np.sqrt(len(differences))), 4),
+        "n": len(differences),
+    }
 
 
-HEADER = ("| scheduler | steps (UNet calls) | Dice brain | Dice tumour | Δ brain vs DDPM-250 | Δ tumour vs DDPM-250 | "
-          "diversity | seconds |\n|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| scheduler | steps (UNet calls) | Dice brain | Dice tumour | Δ brain vs DDPM-250 | Δ tumour vs DDPM-250 | "
+    "diversity | seconds |\n|---|---|---|---|---|---|---|---|"
+)
 
 
 def _row(entry: dict) -> str:
@@ -114,11 +135,15 @@ def _row(entry: dict) -> str:
 
     def paired(label):
         d = entry.get("vs_ddpm250", {}).get(label, {})
-        return f"{d['mean']:+.3f} ± {d['sem']:.3f}" if d.get("n", 0) >= 2 and entry["scheduler"] != REFERENCE[0] else "-"
+        return (
+            f"{d['mean']:+.3f} ± {d['sem']:.3f}" if d.get("n", 0) >= 2 and entry["scheduler"] != REFERENCE[0] else "-"
+        )
 
-    return (f"| {entry['scheduler']} | {entry['steps']} | {spread(entry['dice_brain'])} | "
-            f"{spread(entry['dice_tumour'])} | {paired('brain')} | {paired('tumour')} | "
-            f"{spread(entry['diversity'])} | {entry['seconds']} |")
+    return (
+        f"| {entry['scheduler']} | {entry['steps']} | {spread(entry['dice_brain'])} | "
+        f"{spread(entry['dice_tumour'])} | {paired('brain')} | {paired('tumour')} | "
+        f"{spread(entry['diversity'])} | {entry['seconds']} |"
+    )
 
 
 def main() -> None:
@@ -136,11 +161,15 @@ def main() -> None:
     print(HEADER)
     results = evaluate(args.repository, args.model_name, args.masks, args.seed, runs)
     ceiling = results["ground_truth_ceiling"]
-    print(f"| ground-truth phantom images | - | {ceiling['brain']['mean']:.3f} | {ceiling['tumour']['mean']:.3f} | "
-          "- | - | - | - |")
+    print(
+        f"| ground-truth phantom images | - | {ceiling['brain']['mean']:.3f} | {ceiling['tumour']['mean']:.3f} | "
+        "- | - | - | - |"
+    )
     results["suggested_defaults"] = suggested_defaults(results, args.tolerance)
-    print(f"Δ: mean paired difference ± standard error. Fewest steps within {args.tolerance} of DDPM-250 on every "
-          "label: " + (", ".join(f"{k} {v}" for k, v in results["suggested_defaults"].items()) or "none"))
+    print(
+        f"Δ: mean paired difference ± standard error. Fewest steps within {args.tolerance} of DDPM-250 on every "
+        "label: " + (", ".join(f"{k} {v}" for k, v in results["suggested_defaults"].items()) or "none")
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

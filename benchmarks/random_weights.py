@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from meddpm.presets import Preset
-from meddpm.unet import MedDDPMUNet, build_unet
+from meddpm.model.presets import Preset
+from meddpm.model.unet import MedDDPMUNet, build_unet
 
 
 def random_unet(preset: Preset, seed: int = 0, scale: float = 0.02) -> MedDDPMUNet:

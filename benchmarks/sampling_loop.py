@@ -8,18 +8,18 @@ Backends (all on the demo model, exported at each grid: its weights are convolut
   DDPM posterior step (x0 clipped) with the schedule buffers it stores;
 - onnxruntime-stock: our loop with an untuned ONNX Runtime session (default options, `session.run` with every
   input every step): the "before" of the tuning that benchmarks/onnxruntime_options.py measures;
-- onnxruntime: our loop (meddpm.sampling, diffusers scheduler) with ONNX Runtime in process as the app runs it
+- onnxruntime: our loop (meddpm.sampling.loop, diffusers scheduler) with ONNX Runtime in process as the app runs it
   (condition bound once, noise written into the loop's own array);
 - triton-network, triton-shm: our loop against the local Triton server (deploy/local_triton.py) over gRPC,
   tensors in the messages or in system shared memory;
 - triton-server-loop: the same loop inside that server (<name>_sampler, UNet through BLS): one request per
   volume, progress streamed back.
 Every backend runs `steps` steps from the same condition and seed, repeated; the order rotates every repeat so
-that machine noise falls on all alike. Per step it separates the UNet call (for Triton: the round trip) from
-the rest of the loop (scheduler math, copies; not separable for the server-side loop). Peak resident memory is read per backend (Linux VmHWM, reset
-before each backend's runs); for Triton the server's processes are added. Prints a table, writes JSON.
-With --link-rate (root) the server runs behind a rate-limited link (benchmarks/limited_link.py) instead of
-loopback; shared memory is then out of reach, as for a server on another host.
+that machine noise falls on all alike. Per step it separates the UNet call (for Triton: the round trip) from the
+rest of the loop (scheduler math, copies; not separable for the server-side loop). Peak resident memory is read per
+backend (Linux VmHWM, reset before each backend's runs); for Triton the server's processes are added. Prints a
+table, writes JSON. With --link-rate (root) the server runs behind a rate-limited link (benchmarks/limited_link.py)
+instead of loopback; shared memory is then out of reach, as for a server on another host.
 """
 
 from __future__ import annotations
@@ -44,15 +44,18 @@ from benchmarks.demo_grid import DEMO_CHECKPOINT, demo_at_grid
 from benchmarks.limited_link import Link, limited_link
 from benchmarks.onnxruntime_options import StockOnnxRuntimeDenoiser
 from deploy.local_triton import LocalTriton
-from meddpm.checkpoint import load_checkpoint
-from meddpm.denoisers import Denoiser, NoisePredictor, OnnxRuntimeDenoiser
-from meddpm.geometry import condition_channels
-from meddpm.phantoms import make_phantom
-from meddpm.sampling import sample
-from meddpm.schedule import betas, meddpm_buffers
-from meddpm.served_model import ServedModel
-from meddpm.triton_denoiser import TritonDenoiser
-from meddpm.triton_sampler import TritonServerLoop
+from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
+from meddpm.backends.triton.client import TritonDenoiser
+from meddpm.backends.triton.server_loop import TritonServerLoop
+from meddpm.imaging.geometry import condition_channels
+from meddpm.imaging.phantoms import make_phantom
+from meddpm.model.checkpoint import load_checkpoint
+from meddpm.model.presets import Scheduler
+from meddpm.model.repository import ServedModel
+from meddpm.model.schedule import betas, meddpm_buffers
+from meddpm.sampling.denoiser import Denoiser, NoisePredictor
+from meddpm.sampling.loop import sample
+from meddpm.sampling.request import SamplingRequest
 
 BACKENDS = ("reference", "onnxruntime-stock", "onnxruntime", "triton-network", "triton-shm", "triton-server-loop")
 
@@ -75,13 +78,10 @@ class TimedDenoiser(Denoiser):
         self.name = inner.name
         self.calls: list[float] = []
 
-    def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
-        with self.conditioned(condition) as predict_noise:
-            return predict_noise(noisy_image, timestep)
-
     @contextlib.contextmanager
     def conditioned(self, condition: np.ndarray) -> Iterator[NoisePredictor]:
         with self.inner.conditioned(condition) as predict_noise:
+
             def timed(noisy_image: np.ndarray, timestep: np.ndarray) -> np.ndarray:
                 started = time.perf_counter()
                 noise = predict_noise(noisy_image, timestep)
@@ -91,13 +91,18 @@ class TimedDenoiser(Denoiser):
             yield timed
 
 
-def timed_volume(loop, model: ServedModel, condition: np.ndarray, steps: int, seed: int,
-                 unet_calls: list[float]) -> Run:
+def timed_volume(
+    loop, model: ServedModel, condition: np.ndarray, steps: int, seed: int, unet_calls: list[float]
+) -> Run:
     """One DDIM volume through `loop` (`sample`'s signature less the denoiser), each step timed by its progress."""
     marks = []
     started = time.perf_counter()
-    image = loop(condition, model.preset.out_channels, "ddim", steps, model.preset.schedule, [seed],
-                 progress=lambda done, total, elapsed: marks.append(time.perf_counter()))
+    image = loop(
+        condition,
+        SamplingRequest(Scheduler.DDIM, steps, seed),
+        model.preset,
+        progress=lambda done, total, elapsed: marks.append(time.perf_counter()),
+    )
     return Run(image, np.diff([started, *marks]).tolist(), unet_calls, time.perf_counter() - started)
 
 
@@ -125,7 +130,9 @@ def reference_loop(unet: torch.nn.Module, model: ServedModel, condition: np.ndar
             timestep = torch.full((1,), t, dtype=torch.long)
             eps = unet(torch.cat([x, c], dim=1), timestep)
             unet_s.append(time.perf_counter() - step_start)
-            x0 = (buffers["sqrt_recip_alphas_cumprod"][t] * x - buffers["sqrt_recipm1_alphas_cumprod"][t] * eps).clamp(-1, 1)
+            x0 = (buffers["sqrt_recip_alphas_cumprod"][t] * x - buffers["sqrt_recipm1_alphas_cumprod"][t] * eps).clamp(
+                -1, 1
+            )
             mean = buffers["posterior_mean_coef1"][t] * x0 + buffers["posterior_mean_coef2"][t] * x
             noise = torch.randn(x.shape, generator=generator) if t > 0 else torch.zeros_like(x)
             x = mean + (0.5 * buffers["posterior_log_variance_clipped"][t]).exp() * noise
@@ -169,18 +176,30 @@ def bytes_per_step(model: ServedModel) -> dict[str, int]:
     voxels = int(np.prod(model.preset.image.grid))
     image = model.preset.out_channels * voxels * 4
     condition = len(model.preset.condition.labels) * voxels * 4
-    return {"reference": 0, "onnxruntime-stock": 0, "onnxruntime": 0, "triton-network": 2 * image + condition + 4,
-            "triton-shm": 2 * image + 4, "triton-shm once per volume": condition,
-            "triton-server-loop": PROGRESS_BYTES, "triton-server-loop once per volume": condition + image}
+    return {
+        "reference": 0,
+        "onnxruntime-stock": 0,
+        "onnxruntime": 0,
+        "triton-network": 2 * image + condition + 4,
+        "triton-shm": 2 * image + 4,
+        "triton-shm once per volume": condition,
+        "triton-server-loop": PROGRESS_BYTES,
+        "triton-server-loop once per volume": condition + image,
+    }
 
 
 def bytes_per_volume(moved: dict[str, int], steps: int) -> dict[str, int]:
     """Tensor bytes one volume moves between client and server (over gRPC, or through shared memory for shm)."""
-    return {name: steps * per_step + moved.get(f"{name} once per volume", 0)
-            for name, per_step in moved.items() if not name.endswith("once per volume")}
+    return {
+        name: steps * per_step + moved.get(f"{name} once per volume", 0)
+        for name, per_step in moved.items()
+        if not name.endswith("once per volume")
+    }
 
 
-def measure_grid(side: int, steps: int, repeats: int, backends: list[str], folder: Path, link: Link | None = None) -> dict:
+def measure_grid(
+    side: int, steps: int, repeats: int, backends: list[str], folder: Path, link: Link | None = None
+) -> dict:
     model = demo_at_grid(side, folder)
     labels, _ = make_phantom(np.random.default_rng(0), model.preset.image.grid, model.preset.image.voxel_size_mm[0])
     condition = condition_channels(labels, model.preset)
@@ -195,8 +214,9 @@ def measure_grid(side: int, steps: int, repeats: int, backends: list[str], folde
                 runners[name] = lambda seed, d=denoiser: our_loop(d, model, condition, steps, seed)
         if any(b.startswith("triton") for b in backends):
             where = {"address": link.server_address, "prefix": link.prefix} if link else {}
-            server = stack.enter_context(LocalTriton(model.folder.parent, log_path=folder / f"triton-{side}.log",
-                                                     **where))
+            server = stack.enter_context(
+                LocalTriton(model.folder.parent, log_path=folder / f"triton-{side}.log", **where)
+            )
             for backend in (b for b in backends if b in ("triton-network", "triton-shm")):
                 denoiser = TritonDenoiser(server.url, model, transport=backend.removeprefix("triton-"))
                 runners[backend] = lambda seed, d=denoiser: our_loop(d, model, condition, steps, seed)
@@ -207,7 +227,7 @@ def measure_grid(side: int, steps: int, repeats: int, backends: list[str], folde
             run(seed=0)
         runs, growth = {name: [] for name in runners}, {name: 0.0 for name in runners}
         for repeat in range(repeats):
-            order = list(runners)[repeat % len(runners):] + list(runners)[:repeat % len(runners)]
+            order = list(runners)[repeat % len(runners) :] + list(runners)[: repeat % len(runners)]
             for name in order:
                 pids = [os.getpid(), *(process_tree(server.process.pid) if name.startswith("triton") else [])]
                 with memory_growth(pids) as figures:
@@ -222,8 +242,13 @@ def unet_share_outside(run: Run) -> list[float]:
 
 
 def summarise(side: int, steps: int, repeats: int, runs: dict[str, list[Run]], growth: dict, moved: dict) -> dict:
-    result = {"grid": side, "steps": steps, "repeats": repeats, "backends": {},
-              "shm_condition_bytes_once": moved["triton-shm once per volume"]}
+    result = {
+        "grid": side,
+        "steps": steps,
+        "repeats": repeats,
+        "backends": {},
+        "shm_condition_bytes_once": moved["triton-shm once per volume"],
+    }
     for name, backend_runs in runs.items():
         steps_s = [s for r in backend_runs for s in r.step_s[1:]]  # the first step also pays the run's setup
         outside = [share for r in backend_runs for share in unet_share_outside(r)]
@@ -231,7 +256,9 @@ def summarise(side: int, steps: int, repeats: int, runs: dict[str, list[Run]], g
         result["backends"][name] = {
             "step_ms_median": 1e3 * statistics.median(steps_s),
             "step_ms_iqr": 1e3 * float(np.subtract(*np.percentile(steps_s, [75, 25]))),
-            "volume_s_median": statistics.median(volumes), "volume_s_min": min(volumes), "volume_s_max": max(volumes),
+            "volume_s_median": statistics.median(volumes),
+            "volume_s_min": min(volumes),
+            "volume_s_max": max(volumes),
             "outside_unet_share": statistics.median(outside) if outside else None,
             "rss_growth_mib": growth[name],
             "bytes_per_step": moved[name],
@@ -240,8 +267,12 @@ def summarise(side: int, steps: int, repeats: int, runs: dict[str, list[Run]], g
     for base in ("reference", "onnxruntime"):
         if base in result["backends"]:
             for figures in result["backends"].values():
-                figures[f"step_ratio_vs_{base}"] = figures["step_ms_median"] / result["backends"][base]["step_ms_median"]
-                figures[f"volume_ratio_vs_{base}"] = figures["volume_s_median"] / result["backends"][base]["volume_s_median"]
+                figures[f"step_ratio_vs_{base}"] = (
+                    figures["step_ms_median"] / result["backends"][base]["step_ms_median"]
+                )
+                figures[f"volume_ratio_vs_{base}"] = (
+                    figures["volume_s_median"] / result["backends"][base]["volume_s_median"]
+                )
     if "onnxruntime" in runs:  # our loop gives one image whatever runs the UNet
         ours = runs["onnxruntime"][-1].image
         for name in runs.keys() - {"reference", "onnxruntime"}:
@@ -250,21 +281,27 @@ def summarise(side: int, steps: int, repeats: int, runs: dict[str, list[Run]], g
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| grid | loop | ms/step (median ± IQR) | s/volume (median, min-max) | outside UNet | step ratio vs "
-             "reference | step ratio vs onnxruntime | volume ratio vs onnxruntime | MiB moved/step | MiB moved/volume | "
-             "RSS growth MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| grid | loop | ms/step (median ± IQR) | s/volume (median, min-max) | outside UNet | step ratio vs "
+        "reference | step ratio vs onnxruntime | volume ratio vs onnxruntime | MiB moved/step | MiB moved/volume | "
+        "RSS growth MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for name, f in r["backends"].items():
-            ratios = [f.get(key) for key in ("step_ratio_vs_reference", "step_ratio_vs_onnxruntime",
-                                             "volume_ratio_vs_onnxruntime")]
+            ratios = [
+                f.get(key)
+                for key in ("step_ratio_vs_reference", "step_ratio_vs_onnxruntime", "volume_ratio_vs_onnxruntime")
+            ]
             lines.append(
                 f"| {r['grid']}³ | {name} | {f['step_ms_median']:.1f} ± {f['step_ms_iqr']:.1f} | "
                 f"{f['volume_s_median']:.2f} ({f['volume_s_min']:.2f}-{f['volume_s_max']:.2f}) | "
-                + ("-" if f["outside_unet_share"] is None else f"{100 * f['outside_unet_share']:.1f}%") + " | "
+                + ("-" if f["outside_unet_share"] is None else f"{100 * f['outside_unet_share']:.1f}%")
+                + " | "
                 + " | ".join("-" if v is None else f"{v:.3f}" for v in ratios)
                 + f" | {f['bytes_per_step'] / 2**20:.2f} | {f['bytes_per_volume'] / 2**20:.2f} | "
-                  f"{f['rss_growth_mib']:.0f} |")
+                f"{f['rss_growth_mib']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -281,15 +318,21 @@ def main(argv: list[str] | None = None) -> None:
         args.backends = [b for b in args.backends if b != "triton-shm"]  # no shared memory across a link
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         link = stack.enter_context(limited_link(args.link_rate)) if args.link_rate else None
-        results = [measure_grid(side, args.steps, args.repeats, args.backends, Path(folder), link)
-                   for side in args.grids]
-    header = (f"{platform.node()}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}: demo model, "
-              f"{args.steps} steps a volume, batch 1, {args.repeats} volumes per loop (after one warm-up), "
-              f"Triton {'behind a ' + args.link_rate + ' link' if args.link_rate else 'on loopback'}")
+        results = [
+            measure_grid(side, args.steps, args.repeats, args.backends, Path(folder), link) for side in args.grids
+        ]
+    header = (
+        f"{platform.node()}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}: demo model, "
+        f"{args.steps} steps a volume, batch 1, {args.repeats} volumes per loop (after one warm-up), "
+        f"Triton {'behind a ' + args.link_rate + ' link' if args.link_rate else 'on loopback'}"
+    )
     print(header)
     print(table(results))
-    print("MiB moved/step: tensor bytes over gRPC (network, server-loop) or through shared memory (shm; the condition "
-          "goes in once per volume, and for server-loop the volume comes out once); RSS growth: peak resident memory above the level before the run, client + server")
+    print(
+        "MiB moved/step: tensor bytes over gRPC (network, server-loop) or through shared memory (shm; the condition "
+        "goes in once per volume, and for server-loop the volume comes out once); RSS growth: peak resident memory "
+        "above the level before the run, client + server"
+    )
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": results}, indent=2) + "\n")
 

@@ -31,7 +31,7 @@ import tritonclient.grpc as grpcclient
 
 from deploy.local_triton import LocalTriton, server_processes
 from export.cli import main as export_main
-from meddpm.phantoms import make_phantom
+from meddpm.imaging.phantoms import make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"
@@ -44,12 +44,36 @@ class AppRun:
 
     def __init__(self, masks: Path, out: Path, repository: Path, steps: int, environment: dict[str, str]):
         self.out = out
-        command = [sys.executable, "-m", "app", "-i", str(masks), "-o", str(out), "-m", str(repository),
-                   "--model-name", "meddpm_demo", "--scheduler", "ddim", "--steps", str(steps), "--seed", "1",
-                   "--triton-retry-window", "600"]
+        command = [
+            sys.executable,
+            "-m",
+            "app",
+            "-i",
+            str(masks),
+            "-o",
+            str(out),
+            "-m",
+            str(repository),
+            "--model-name",
+            "meddpm_demo",
+            "--scheduler",
+            "ddim",
+            "--steps",
+            str(steps),
+            "--seed",
+            "1",
+            "--triton-retry-window",
+            "600",
+        ]
         self.started = time.monotonic()
-        self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **environment}, text=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, **environment},
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stderr), daemon=True)
         self.reader.start()
@@ -57,7 +81,7 @@ class AppRun:
     def sampling(self) -> bool:
         """Whether it has logged a step since the server was last killed (or since it started)."""
         since = max((i for i, line in enumerate(self.lines) if line == KILLED), default=-1)
-        return any(": step " in line for line in self.lines[since + 1:])
+        return any(": step " in line for line in self.lines[since + 1 :])
 
     def finish(self) -> tuple[int, float]:
         code = self.process.wait()
@@ -117,23 +141,32 @@ def soak(work: Path, runs: int, masks: int, steps: int, restarts: int) -> bool:
     finally:
         server.stop()
 
-    print(f"soak: {runs} runs at once x {masks} mask(s), DDIM {steps} steps, demo model, shared memory, "
-          f"{restarts} server kill(s) and restart(s); in-process reference {reference_s:.1f} s")
+    print(
+        f"soak: {runs} runs at once x {masks} mask(s), DDIM {steps} steps, demo model, shared memory, "
+        f"{restarts} server kill(s) and restart(s); in-process reference {reference_s:.1f} s"
+    )
     print("| run | exit code | seconds | seconds / reference | retries logged | re-registrations | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     passed = True
     for index, (app, (code, seconds)) in enumerate(zip(apps, finished)):
         difference = max_difference(app.out, work / "reference")
         passed &= code == 0 and difference <= TOLERANCE
-        print(f"| {index} | {code} | {seconds:.1f} | {seconds / reference_s:.2f} | {app.logged('; retrying')} | "
-              f"{app.logged('registered again')} | {difference:.1e} |")
+        print(
+            f"| {index} | {code} | {seconds:.1f} | {seconds / reference_s:.2f} | {app.logged('; retrying')} | "
+            f"{app.logged('registered again')} | {difference:.1e} |"
+        )
     for index, (app, (code, _)) in enumerate(zip(apps, finished)):
         if code:
             print(f"run {index} failed; the end of its log:\n" + "".join(app.lines[-8:]))
-    leftovers = {"/dev/shm regions": our_regions(), "server registrations": registered,
-                 "server processes": server_processes(server.grpc_port)}
-    print(f"all {runs} runs in {soak_s:.1f} s; left behind: " + ", ".join(f"{k} {v or 'none'}" for k, v in
-                                                                            leftovers.items()))
+    leftovers = {
+        "/dev/shm regions": our_regions(),
+        "server registrations": registered,
+        "server processes": server_processes(server.grpc_port),
+    }
+    print(
+        f"all {runs} runs in {soak_s:.1f} s; left behind: "
+        + ", ".join(f"{k} {v or 'none'}" for k, v in leftovers.items())
+    )
     return passed and not any(leftovers.values())
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu_unet import FLOOR_MS_128
-from meddpm.presets import SCHEDULERS, get_preset
-from meddpm.sampling import clip_x0_in_epsilon, initial_noise, make_scheduler, noise_arguments, step_alpha_bars
+from meddpm.model.presets import Scheduler, get_preset
+from meddpm.sampling.loop import clip_x0_in_epsilon, initial_noise, noise_arguments, step_alpha_bars
+from meddpm.sampling.schedulers import make_scheduler
 
 
 def clip_with_temporaries(epsilon: torch.Tensor, sample: torch.Tensor, alpha_bar: float) -> torch.Tensor:
@@ -54,27 +55,39 @@ def measure(name: str, side: int, steps: int) -> dict:
         times["scheduler step"].append(time.perf_counter() - started)
     medians = {part: 1e3 * statistics.median(values) for part, values in times.items()}
     step_ms = medians["clip in place"] + medians["scheduler step"]
-    return {"scheduler": name, "grid": side, "ms": medians, "step_ms": step_ms, "share_of_floor": step_ms / FLOOR_MS_128}
+    return {
+        "scheduler": name,
+        "grid": side,
+        "ms": medians,
+        "step_ms": step_ms,
+        "share_of_floor": step_ms / FLOOR_MS_128,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_math", description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", type=int, default=128, help="cube side")
     parser.add_argument("--steps", type=int, default=20, help="steps timed per scheduler")
-    parser.add_argument("--schedulers", nargs="+", choices=SCHEDULERS, default=list(SCHEDULERS))
+    parser.add_argument("--schedulers", nargs="+", type=Scheduler, choices=list(Scheduler), default=list(Scheduler))
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     rows = [measure(name, args.grid, args.steps) for name in args.schedulers]
-    header = (f"{platform.node()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d')}: {args.grid}³, batch 1, "
-              f"medians over {args.steps} steps")
+    header = (
+        f"{platform.node()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d')}: {args.grid}³, batch 1, "
+        f"medians over {args.steps} steps"
+    )
     print(header)
-    print("| scheduler | clip with temporaries ms | clip in place ms | scheduler step ms | loop math ms/step | "
-          "share of the 28 ms GPU floor |\n|---|---|---|---|---|---|")
+    print(
+        "| scheduler | clip with temporaries ms | clip in place ms | scheduler step ms | loop math ms/step | "
+        "share of the 28 ms GPU floor |\n|---|---|---|---|---|---|"
+    )
     for r in rows:
         ms = r["ms"]
-        print(f"| {r['scheduler']} | {ms['clip with temporaries']:.1f} | {ms['clip in place']:.1f} | "
-              f"{ms['scheduler step']:.1f} | {r['step_ms']:.1f} | {100 * r['share_of_floor']:.0f}% |")
+        print(
+            f"| {r['scheduler']} | {ms['clip with temporaries']:.1f} | {ms['clip in place']:.1f} | "
+            f"{ms['scheduler step']:.1f} | {r['step_ms']:.1f} | {100 * r['share_of_floor']:.0f}% |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
 

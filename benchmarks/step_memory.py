@@ -22,9 +22,9 @@ import numpy as np
 
 from benchmarks.random_weights import random_unet
 from export import onnx_graph
-from meddpm.memory import step_memory_estimate
-from meddpm.presets import get_preset
-from meddpm.unet import ConditionalDenoiser
+from meddpm.imaging.memory import step_memory_estimate
+from meddpm.model.presets import get_preset
+from meddpm.model.unet import ConditionalDenoiser
 
 
 def export_random(preset_name: str, path: Path) -> None:
@@ -35,7 +35,7 @@ def export_random(preset_name: str, path: Path) -> None:
 
 def one_step(onnx_path: str, preset_name: str, side: int, batch: int) -> None:
     """Run in a fresh process: load the session, run one step, print the peak memory as JSON."""
-    from meddpm.denoisers import OnnxRuntimeDenoiser
+    from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
 
     preset = get_preset(preset_name)
     denoiser = OnnxRuntimeDenoiser(Path(onnx_path))
@@ -68,8 +68,22 @@ def main(argv: list[str] | None = None) -> None:
         export_random(args.preset, onnx_path)
         for side in args.grids:
             answer = subprocess.run(
-                [sys.executable, "-m", "benchmarks.step_memory", "--preset", args.preset, "--batch", str(args.batch),
-                 "--one-step", str(onnx_path), str(side)], capture_output=True, text=True, check=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.step_memory",
+                    "--preset",
+                    args.preset,
+                    "--batch",
+                    str(args.batch),
+                    "--one-step",
+                    str(onnx_path),
+                    str(side),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             figures = json.loads(answer.stdout.strip().splitlines()[-1])
             estimate = step_memory_estimate(preset, (side,) * 3, args.batch, onnx_path.stat().st_size) / 2**20
             print(f"| {side}³ | {figures['peak_rss_mib']:.0f} | {estimate:.0f} | {figures['step_s']:.1f} |", flush=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from meddpm.phantoms import BRAIN, dice, make_phantom, segment
+from meddpm.imaging.phantoms import BRAIN, dice, make_phantom, segment
 
 MASK_RNG_SEED = 2024  # the phantom of tests/test_app.py's quality test; with --seed 1 its brain Dice is > 0.8
 MIN_BRAIN_DICE = 0.8
@@ -32,8 +32,13 @@ def write_mask(path: Path) -> Path:
     return path
 
 
-def problems(mask_path: Path, folder: Path, reference: Path | None = None, figures: dict | None = None,
-             backend: str = "onnxruntime") -> list[str]:
+def problems(
+    mask_path: Path,
+    folder: Path,
+    reference: Path | None = None,
+    figures: dict | None = None,
+    backend: str = "onnxruntime",
+) -> list[str]:
     """What is wrong with one mask's result folder (empty when it is right); `figures` gets what was measured."""
     figures = {} if figures is None else figures
     expected = {"sample_0.nii.gz", "preview.png", "record.json"}
@@ -47,23 +52,28 @@ def problems(mask_path: Path, folder: Path, reference: Path | None = None, figur
     if image.shape != mask.shape or not np.allclose(image.affine, mask.affine, atol=1e-5):
         found_problems.append(f"grid {image.shape} {image.affine.tolist()} is not the mask's {mask.shape}")
     elif not np.isfinite(data).all() or data.min() < -1 or data.max() > 1 or data.std() < 0.05:
-        found_problems.append(f"values not a synthetic image in [-1, 1]: min {data.min()}, max {data.max()}, "
-                              f"std {data.std()}")
+        found_problems.append(
+            f"values not a synthetic image in [-1, 1]: min {data.min()}, max {data.max()}, std {data.std()}"
+        )
     else:
         figures["brain_dice"] = dice(segment(data), np.asarray(mask.dataobj), BRAIN)
         if figures["brain_dice"] < MIN_BRAIN_DICE:
-            found_problems.append(f"brain Dice {figures['brain_dice']:.3f} < {MIN_BRAIN_DICE}: not the head the "
-                                  f"mask asks for")
+            found_problems.append(
+                f"brain Dice {figures['brain_dice']:.3f} < {MIN_BRAIN_DICE}: not the head the mask asks for"
+            )
     record = json.loads((folder / "record.json").read_text())
     if record.get("backend") != backend or not record["model"].get("verification_passed"):
-        found_problems.append(f"record.json: backend {record.get('backend')!r} (expected {backend!r}) or the model "
-                              f"is not a verified export")
+        found_problems.append(
+            f"record.json: backend {record.get('backend')!r} (expected {backend!r}) or the model "
+            f"is not a verified export"
+        )
     if reference is not None:
         other = nib.load(reference / "sample_0.nii.gz").get_fdata()
         figures["max_difference"] = float(np.abs(other - data).max()) if other.shape == data.shape else float("inf")
         if figures["max_difference"] > REFERENCE_TOLERANCE:
-            found_problems.append(f"differs from the reference run {reference} by up to "
-                                  f"{figures['max_difference']:.3g}")
+            found_problems.append(
+                f"differs from the reference run {reference} by up to {figures['max_difference']:.3g}"
+            )
     return found_problems
 
 
@@ -85,9 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     for problem in found:
         print(f"FAIL {problem}")
     if not found:
-        print(f"OK {args.folder}: on the mask's grid, brain Dice {figures['brain_dice']:.3f} (>= {MIN_BRAIN_DICE})"
-              + (f", equal to {args.reference} (max difference {figures['max_difference']:.3g})"
-                 if args.reference else ""))
+        print(
+            f"OK {args.folder}: on the mask's grid, brain Dice {figures['brain_dice']:.3f} (>= {MIN_BRAIN_DICE})"
+            + (
+                f", equal to {args.reference} (max difference {figures['max_difference']:.3g})"
+                if args.reference
+                else ""
+            )
+        )
     return 1 if found else 0
 
 

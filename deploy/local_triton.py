@@ -26,7 +26,9 @@ import urllib.request
 from pathlib import Path
 
 from meddpm.errors import ConfigurationError, ModelError, ServerError
-from meddpm.served_model import CPU_SUFFIX, MANIFEST, SAMPLER_SUFFIX, read_config
+from meddpm.model.manifest import MANIFEST
+from meddpm.model.repository import CPU_SUFFIX, SAMPLER_SUFFIX, read_config
+from meddpm.retry import Backoff
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-triton"
@@ -41,8 +43,12 @@ def free_port() -> int:
 
 def servable_entries(repository: Path) -> list[str]:
     """The exported CPU and sampler entries of a repository (those written by `python -m export`)."""
-    return sorted(p.name for suffix in (CPU_SUFFIX, SAMPLER_SUFFIX) for p in repository.glob(f"*{suffix}")
-                  if (p / "1" / MANIFEST).is_file())
+    return sorted(
+        p.name
+        for suffix in (CPU_SUFFIX, SAMPLER_SUFFIX)
+        for p in repository.glob(f"*{suffix}")
+        if (p / "1" / MANIFEST).is_file()
+    )
 
 
 def server_processes(grpc_port: int) -> list[int]:
@@ -61,9 +67,16 @@ def server_processes(grpc_port: int) -> list[int]:
 class LocalTriton:
     """One tritonserver process with explicit model control, loading the repository's CPU and sampler entries."""
 
-    def __init__(self, repository: Path, venv: Path = DEFAULT_VENV, grpc_port: int | None = None,
-                 http_port: int | None = None, log_path: Path | None = None, address: str = "127.0.0.1",
-                 prefix: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        repository: Path,
+        venv: Path = DEFAULT_VENV,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        log_path: Path | None = None,
+        address: str = "127.0.0.1",
+        prefix: tuple[str, ...] = (),
+    ):
         """`address` and `prefix` serve elsewhere than loopback, e.g. inside a network namespace
         (prefix ("ip", "netns", "exec", NAME) and that namespace's address: benchmarks/limited_link.py)."""
         self.repository = Path(repository).resolve()
@@ -76,7 +89,8 @@ class LocalTriton:
         self.process: subprocess.Popen | None = None
         if not self.models:
             raise ConfigurationError(
-                f"{self.repository}: no exported <name>{CPU_SUFFIX} model to serve; run `python -m export` into it first"
+                f"{self.repository}: no exported <name>{CPU_SUFFIX} model to serve; "
+                f"run `python -m export` into it first"
             )
         for name in self.models:  # a config the server would refuse stops it at start, its reason only in its log
             read_config(self.repository / name)
@@ -95,8 +109,10 @@ class LocalTriton:
             f"--backend-directory={server / 'backends'}",
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in self.models),
-            f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
-            f"--http-address={self.address}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.address}",
+            f"--http-port={self.http_port}",
             "--allow-metrics=false",
             "--exit-timeout-secs=10",
         ]
@@ -113,16 +129,17 @@ class LocalTriton:
         """Start the server and wait until it and every model are ready."""
         command, environment = self.command()
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+            self.process = subprocess.Popen(
+                command, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        for pause in Backoff(first_s=0.25, max_s=0.25, window_s=timeout_s).pauses():
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
-                                  f"see {self.log_path}")
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode} while starting; see {self.log_path}"
+                )
             if self.ready():
                 return self
-            time.sleep(0.25)
+            time.sleep(pause)
         self.stop()
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s; see {self.log_path}")
 
@@ -160,7 +177,9 @@ class LocalTriton:
         """Where the libpython of the venv's interpreter is: the python stub links libpython3.X.so dynamically,
         and must load the one whose standard library (lib-dynload: _ssl, which diffusers needs) the venv uses,
         not the system's."""
-        config = dict(line.split(" = ", 1) for line in (self.venv / "pyvenv.cfg").read_text().splitlines() if " = " in line)
+        config = dict(
+            line.split(" = ", 1) for line in (self.venv / "pyvenv.cfg").read_text().splitlines() if " = " in line
+        )
         return Path(config["home"]).parent / "lib"
 
     def _server_folder(self) -> Path:
@@ -174,13 +193,20 @@ class LocalTriton:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local_triton", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repository", type=Path, default=REPO / "model_repository",
-                        help="model repository written by `python -m export` (default: model_repository)")
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=REPO / "model_repository",
+        help="model repository written by `python -m export` (default: model_repository)",
+    )
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="made by scripts/setup_triton.sh")
-    parser.add_argument("--log", type=Path, help="the server's log (default: meddpm-tritonserver-PORT.log in the "
-                        "system's temporary folder)")
+    parser.add_argument(
+        "--log",
+        type=Path,
+        help="the server's log (default: meddpm-tritonserver-PORT.log in the system's temporary folder)",
+    )
     args = parser.parse_args(argv)
     try:
         server = LocalTriton(args.repository, args.venv, args.grpc_port, args.http_port, log_path=args.log)
@@ -199,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, stop)
     try:
         server.start()
-        print(f"Triton ready: gRPC {server.url}, models {', '.join(server.models)}; log {server.log_path}. "
-              f"Ctrl-C or SIGTERM stops it.", flush=True)
+        print(
+            f"Triton ready: gRPC {server.url}, models {', '.join(server.models)}; log {server.log_path}. "
+            f"Ctrl-C or SIGTERM stops it.",
+            flush=True,
+        )
         server.process.wait()
     except KeyboardInterrupt:
         pass

@@ -10,11 +10,14 @@ import tempfile
 from pathlib import Path
 
 from export import onnx_graph, repository, tensorrt_plan
-from meddpm.checkpoint import load_checkpoint, sha256_of
 from meddpm.errors import MedDDPMError
-from meddpm.presets import get_preset
-from meddpm.served_model import CPU_SUFFIX, MANIFEST_FORMAT, SAMPLER_PACKAGE, SAMPLER_SUFFIX, TRT_SUFFIX
-from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, ConditionalDenoiser
+from meddpm.model.checkpoint import load_checkpoint
+from meddpm.model.manifest import SAMPLER_PACKAGE, CheckpointRecord, GraphRecord, Manifest, SamplerCodeRecord, sha256_of
+from meddpm.model.presets import get_preset
+from meddpm.model.repository import CPU_SUFFIX, SAMPLER_SUFFIX, TRT_SUFFIX
+from meddpm.model.tensors import INPUTS, PREDICTED_NOISE
+from meddpm.model.unet import ConditionalDenoiser
+from meddpm.sampling import core
 
 log = logging.getLogger("export")
 
@@ -22,26 +25,36 @@ log = logging.getLogger("export")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     parser.add_argument("--checkpoint", required=True, type=Path, help="Med-DDPM checkpoint (.pt/.pth)")
-    parser.add_argument("--preset", required=True, help="preset name (meddpm/presets.toml or --presets)")
+    parser.add_argument("--preset", required=True, help="preset name (meddpm/model/presets.toml or --presets)")
     parser.add_argument("--repository", required=True, type=Path, help="Triton model repository folder")
     parser.add_argument("--name", help="model name in the repository (default: meddpm_<preset>)")
     parser.add_argument("--presets", type=Path, help="extra preset file (TOML), e.g. for a fine-tune")
     parser.add_argument("--schedule-file", type=Path, help="separate schedule file, e.g. 3dcddpm_params.pth")
     parser.add_argument("--max-batch-size", type=int, default=4, help="Triton max_batch_size (default 4)")
-    parser.add_argument("--tensorrt-accelerator", action="store_true",
-                        help="enable ONNX Runtime's TensorRT accelerator (FP16) in the GPU config")
-    parser.add_argument("--tensorrt-plan", action="store_true",
-                        help="also build a TensorRT plan entry NAME_trt (needs tensorrt and a GPU)")
+    parser.add_argument(
+        "--tensorrt-accelerator",
+        action="store_true",
+        help="enable ONNX Runtime's TensorRT accelerator (FP16) in the GPU config",
+    )
+    parser.add_argument(
+        "--tensorrt-plan",
+        action="store_true",
+        help="also build a TensorRT plan entry NAME_trt (needs tensorrt and a GPU)",
+    )
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> Manifest:
     preset = get_preset(args.preset, args.presets)
     name = args.name if args.name is not None else "meddpm_" + preset.name.replace("-", "_")
     repository.check_model_name(name)
     loaded = load_checkpoint(args.checkpoint, preset, args.schedule_file)
-    log.info("loaded %s (layout '%s', schedule %s)", args.checkpoint.name, loaded.layout,
-             "checked" if loaded.schedule_checked else "not stored in the checkpoint")
+    log.info(
+        "loaded %s (layout '%s', schedule %s)",
+        args.checkpoint.name,
+        loaded.layout,
+        "checked" if loaded.schedule_checked else "not stored in the checkpoint",
+    )
     model = ConditionalDenoiser(loaded.unet).eval()
 
     with tempfile.TemporaryDirectory(prefix="meddpm-export-") as work:
@@ -51,26 +64,37 @@ def run(args: argparse.Namespace) -> dict:
         print_verification(verification)
         onnx_graph.require_passed(verification, args.checkpoint)
 
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "preset": preset.to_dict(),
-            "checkpoint": {"file": args.checkpoint.name, "sha256": loaded.sha256, "layout": loaded.layout,
-                           "schedule_checked": loaded.schedule_checked},
-            "onnx": {"file": "model.onnx", "sha256": sha256_of(onnx_path), "opset": onnx_graph.OPSET,
-                     "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME,
-                     "grid_multiple": preset.unet.downsample_factor},
-            "sampler_package": {"folder": SAMPLER_PACKAGE, "sha256": sha256_of(repository.MEDDPM_PACKAGE)},
-            "verification": verification.to_dict(),
-            "versions": repository.package_versions(),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        }
-        onnx_sha256 = manifest["onnx"]["sha256"]
+        versions = repository.package_versions()
+        manifest = Manifest(
+            preset=preset,
+            checkpoint=CheckpointRecord(args.checkpoint.name, loaded.sha256, loaded.layout, loaded.schedule_checked),
+            onnx=GraphRecord(
+                "model.onnx",
+                sha256_of(onnx_path),
+                onnx_graph.OPSET,
+                INPUTS,
+                PREDICTED_NOISE,
+                preset.unet.downsample_factor,
+            ),
+            sampler_package=SamplerCodeRecord(
+                SAMPLER_PACKAGE, core.code_sha256(), core.FILES, versions.get("meddpm-deploy", "unknown")
+            ),
+            verification=verification.to_dict(),
+            versions=versions,
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        )
+        onnx_sha256 = manifest.onnx.sha256
         entries = {
-            name: (repository.model_config(name, preset, "onnx", args.max_batch_size, onnx_sha256,
-                                           args.tensorrt_accelerator),
-                   {"model.onnx": onnx_path}),
-            name + CPU_SUFFIX: (repository.model_config(name + CPU_SUFFIX, preset, "cpu", args.max_batch_size, onnx_sha256),
-                                {"model.onnx": onnx_path, "model.py": repository.PYTHON_MODEL_SOURCE}),
+            name: (
+                repository.model_config(
+                    name, preset, "onnx", args.max_batch_size, onnx_sha256, args.tensorrt_accelerator
+                ),
+                {"model.onnx": onnx_path},
+            ),
+            name + CPU_SUFFIX: (
+                repository.model_config(name + CPU_SUFFIX, preset, "cpu", args.max_batch_size, onnx_sha256),
+                {"model.onnx": onnx_path, "model.py": repository.PYTHON_MODEL_SOURCE},
+            ),
         }
         if args.tensorrt_plan:
             plan_path = Path(work) / "model.plan"
@@ -80,9 +104,10 @@ def run(args: argparse.Namespace) -> dict:
                 {"model.plan": plan_path},
             )
         entries[name + SAMPLER_SUFFIX] = (  # the loop on the server, calling any of the UNet entries
-            repository.sampler_config(name + SAMPLER_SUFFIX, preset, list(entries), args.max_batch_size,
-                                      manifest["sampler_package"]["sha256"]),
-            {"model.py": repository.SAMPLER_MODEL_SOURCE, SAMPLER_PACKAGE: repository.MEDDPM_PACKAGE},
+            repository.sampler_config(
+                name + SAMPLER_SUFFIX, preset, list(entries), args.max_batch_size, manifest.sampler_package.sha256
+            ),
+            {"model.py": repository.SAMPLER_MODEL_SOURCE, **repository.SAMPLER_CORE_FILES},
         )
         for entry_name, (config, files) in entries.items():
             path = repository.write_entry(args.repository, entry_name, config, files, manifest)
@@ -93,11 +118,15 @@ def run(args: argparse.Namespace) -> dict:
 def print_verification(verification: onnx_graph.Verification) -> None:
     print(f"verification (ONNX Runtime vs PyTorch, {verification.seconds:.1f} s):")
     for case in verification.cases:
-        print(f"  batch {case.batch} grid {'x'.join(map(str, case.grid))} t={case.timesteps}: "
-              f"max abs error {case.max_abs_error:.2e}, relative {case.relative_error:.2e}")
+        print(
+            f"  batch {case.batch} grid {'x'.join(map(str, case.grid))} t={case.timesteps}: "
+            f"max abs error {case.max_abs_error:.2e}, relative {case.relative_error:.2e}"
+        )
     verdict = "PASSED" if verification.passed else "FAILED"
-    print(f"  {verdict}: max relative error {verification.max_relative_error:.2e} "
-          f"(tolerance {verification.tolerance:.0e}), max abs error {verification.max_abs_error:.2e}")
+    print(
+        f"  {verdict}: max relative error {verification.max_relative_error:.2e} "
+        f"(tolerance {verification.tolerance:.0e}), max abs error {verification.max_abs_error:.2e}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,9 @@ import onnxruntime as ort
 import torch
 
 from meddpm.errors import ExportVerificationError
-from meddpm.presets import Preset
-from meddpm.unet import INPUT_NAMES, OUTPUT_NAME, ConditionalDenoiser
+from meddpm.model.presets import Preset
+from meddpm.model.tensors import CONDITION, INPUTS, NOISY_IMAGE, PREDICTED_NOISE, TIMESTEP
+from meddpm.model.unet import ConditionalDenoiser
 
 OPSET = 18
 SPATIAL_AXES = ("depth", "height", "width")
@@ -80,9 +81,9 @@ def export_onnx(model: ConditionalDenoiser, preset: Preset, path: Path) -> None:
             tuple(example.values()),
             dynamo=True,
             opset_version=OPSET,
-            input_names=list(INPUT_NAMES),
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes={INPUT_NAMES[0]: spatial, INPUT_NAMES[1]: spatial, INPUT_NAMES[2]: {0: batch}},
+            input_names=list(INPUTS),
+            output_names=[PREDICTED_NOISE],
+            dynamic_shapes={NOISY_IMAGE: spatial, CONDITION: spatial, TIMESTEP: {0: batch}},
             verbose=False,
         )
     graph = program.model_proto
@@ -114,7 +115,7 @@ def verify_onnx(path: Path, model: ConditionalDenoiser, preset: Preset) -> Verif
         inputs = _random_inputs(preset, batch, grid, timesteps, seed)
         with torch.no_grad():
             reference = model(*inputs.values()).numpy()
-        exported = session.run([OUTPUT_NAME], {k: v.numpy() for k, v in inputs.items()})[0]
+        exported = session.run([PREDICTED_NOISE], {k: v.numpy() for k, v in inputs.items()})[0]
         cases.append(
             VerificationCase(
                 batch, grid, timesteps, float(np.abs(exported - reference).max()), float(np.abs(reference).max())
@@ -133,10 +134,12 @@ def require_passed(verification: Verification, path: Path) -> None:
         )
 
 
-def _random_inputs(preset: Preset, batch: int, grid: tuple[int, int, int], timesteps: list[float], seed: int) -> dict[str, torch.Tensor]:
+def _random_inputs(
+    preset: Preset, batch: int, grid: tuple[int, int, int], timesteps: list[float], seed: int
+) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, *grid)
     noisy = torch.randn(shape[:1] + (preset.out_channels,) + shape[1:], generator=generator)
-    condition = torch.randint(0, 2, shape[:1] + (len(preset.condition.labels),) + shape[1:], generator=generator)
+    condition = torch.randint(0, 2, shape[:1] + (preset.condition_channels,) + shape[1:], generator=generator)
     condition = condition.float() * 2 - 1 if preset.condition.scale == "symmetric" else condition.float()
-    return dict(zip(INPUT_NAMES, (noisy, condition, torch.tensor(timesteps, dtype=torch.float32))))
+    return dict(zip(INPUTS, (noisy, condition, torch.tensor(timesteps, dtype=torch.float32))))

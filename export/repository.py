@@ -6,7 +6,8 @@ For a model NAME the repository gets:
              (the nvidia-pytriton `tritonserver` has no onnxruntime backend), under the same tensor names;
 - NAME_trt/  a TensorRT plan, only when asked for and TensorRT is installed;
 - NAME_sampler/  the whole sampling loop (python backend, decoupled), calling NAME or NAME_cpu through BLS;
-             its version folder holds a copy of the `meddpm` package, so the server runs the app's own loop.
+             its version folder holds a copy of the sampling core (meddpm.sampling.core), so the server runs the
+             app's own loop and nothing else of the package.
 Each version folder holds `manifest.json`: the preset, the source checkpoint's hash, the hashes of the graph and
 of the sampler's `meddpm` copy, package versions and the verification figures, so that a client knows exactly
 what it serves. Each config.pbtxt records the hash of what its entry runs (ONNX_SHA256, PACKAGE_SHA256), for a
@@ -15,7 +16,8 @@ client to compare with its manifest and for the python-backend entries to check 
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -27,13 +29,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from meddpm.atomic import staged_folder, write_text
 from meddpm.errors import ConfigurationError
-from meddpm.presets import Preset
-from meddpm.served_model import MANIFEST, ONNX_SHA256, PACKAGE_SHA256, VARIANT_SUFFIXES
-from meddpm.unet import INPUT_NAMES, OUTPUT_NAME
+from meddpm.model.manifest import MANIFEST, ONNX_SHA256, PACKAGE_SHA256, SAMPLER_PACKAGE, Manifest
+from meddpm.model.presets import Preset
+from meddpm.model.repository import VARIANT_SUFFIXES
+from meddpm.model.tensors import CONDITION, PREDICTED_NOISE, TIMESTEP, sample_shapes
+from meddpm.sampling import core, protocol
 
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 SAMPLER_MODEL_SOURCE = Path(__file__).with_name("triton_sampler_model.py")
-MEDDPM_PACKAGE = Path(__file__).resolve().parents[1] / "meddpm"
+SAMPLER_CORE_FILES = {f"{SAMPLER_PACKAGE}/{name}": core.PACKAGE / name for name in core.FILES}
 SAMPLER_INSTANCES = 2
 VERSIONS_RECORDED = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers", "meddpm-deploy")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -49,8 +53,9 @@ def check_model_name(name: str) -> None:
         )
 
 
-def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, onnx_sha256: str,
-                 tensorrt_accelerator: bool = False) -> mc.ModelConfig:
+def model_config(
+    name: str, preset: Preset, kind: str, max_batch_size: int, onnx_sha256: str, tensorrt_accelerator: bool = False
+) -> mc.ModelConfig:
     """The config of one UNet entry; kind is "onnx", "cpu" (python backend) or "plan" (built from the graph
     whose hash is `onnx_sha256`)."""
     config = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
@@ -60,19 +65,16 @@ def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, onnx
         config.backend = "python"
     else:
         config.platform = "tensorrt_plan"
-    grid = list(preset.image.grid)
-    tensors = [
-        (INPUT_NAMES[0], [preset.out_channels, *grid]),
-        (INPUT_NAMES[1], [len(preset.condition.labels), *grid]),
-    ]
-    for tensor_name, dims in tensors:
-        config.input.add(name=tensor_name, data_type=mc.TYPE_FP32, dims=dims)
-    # The graph's timestep is (batch,): one value per sample, so Triton sees [1] reshaped to [].
-    timestep = config.input.add(name=INPUT_NAMES[2], data_type=mc.TYPE_FP32, dims=[1])
-    timestep.reshape.SetInParent()
-    config.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[preset.out_channels, *grid])
+    shapes = sample_shapes(preset)
+    for tensor_name in (name for name in shapes if name != PREDICTED_NOISE):
+        tensor = config.input.add(name=tensor_name, data_type=mc.TYPE_FP32, dims=shapes[tensor_name])
+        if tensor_name == TIMESTEP:  # the graph's timestep is (batch,): Triton's [1] reshaped to []
+            tensor.reshape.SetInParent()
+    config.output.add(name=PREDICTED_NOISE, data_type=mc.TYPE_FP32, dims=shapes[PREDICTED_NOISE])
     config.dynamic_batching.max_queue_delay_microseconds = 100
-    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU if kind == "cpu" else mc.ModelInstanceGroup.KIND_GPU)
+    config.instance_group.add(
+        count=1, kind=mc.ModelInstanceGroup.KIND_CPU if kind == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+    )
     if kind == "cpu":
         config.parameters["onnx_file"].string_value = "model.onnx"
     config.parameters[ONNX_SHA256].string_value = onnx_sha256
@@ -84,14 +86,15 @@ def model_config(name: str, preset: Preset, kind: str, max_batch_size: int, onnx
     return config
 
 
-def sampler_config(name: str, preset: Preset, unet_models: list[str], unet_max_batch_size: int,
-                   package_sha256: str) -> mc.ModelConfig:
+def sampler_config(
+    name: str, preset: Preset, unet_models: list[str], unet_max_batch_size: int, package_sha256: str
+) -> mc.ModelConfig:
     """The server-side loop: one condition in, progress per step and the volumes out (decoupled)."""
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
-    grid = list(preset.image.grid)
-    config.input.add(name="condition", data_type=mc.TYPE_FP32, dims=[len(preset.condition.labels), *grid])
-    config.output.add(name="progress", data_type=mc.TYPE_INT32, dims=[2])
-    config.output.add(name="image", data_type=mc.TYPE_FP32, dims=[-1, preset.out_channels, *grid])
+    shapes = sample_shapes(preset)
+    config.input.add(name=CONDITION, data_type=mc.TYPE_FP32, dims=shapes[CONDITION])
+    config.output.add(name=protocol.PROGRESS, data_type=mc.TYPE_INT32, dims=[2])
+    config.output.add(name=protocol.IMAGE, data_type=mc.TYPE_FP32, dims=[-1, *shapes[PREDICTED_NOISE]])
     config.model_transaction_policy.decoupled = True
     # Each instance runs one loop at a time; the UNet's dynamic batcher merges the steps of concurrent loops.
     config.instance_group.add(count=SAMPLER_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -102,7 +105,10 @@ def sampler_config(name: str, preset: Preset, unet_models: list[str], unet_max_b
 
 
 def config_text(config: mc.ModelConfig) -> str:
-    return "# Written by `python -m export`; edit the export options rather than this file.\n" + text_format.MessageToString(config)
+    return (
+        "# Written by `python -m export`; edit the export options rather than this file.\n"
+        + text_format.MessageToString(config)
+    )
 
 
 def package_versions() -> dict[str, str]:
@@ -115,23 +121,26 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_entry(repository: Path, name: str, config: mc.ModelConfig, files: dict[str, Path], manifest: dict) -> Path:
+def write_entry(
+    repository: Path, name: str, config: mc.ModelConfig, files: dict[str, Path], manifest: Manifest
+) -> Path:
     """Write NAME/config.pbtxt and NAME/1/{files, manifest.json}; version 1 is replaced atomically."""
     entry = repository / name
     with staged_folder(entry / "1") as staging:
         for target, source in files.items():
             _link_or_copy(source, staging / target)
-        (staging / MANIFEST).write_text(json.dumps(manifest | {"triton_model": name}, indent=2) + "\n")
+        dataclasses.replace(manifest, triton_model=name).write(staging / MANIFEST)
         (staging / ".gitkeep").touch()
     write_text(entry / "config.pbtxt", config_text(config))
     return entry
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    if source.is_dir():
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        return
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
+    """Weights are hard-linked where the file system allows (they are large, and replaced whole, never edited);
+    code is copied, so that an edit of the source after export cannot change what an entry runs."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.suffix in (".onnx", ".plan"):
+        with contextlib.suppress(OSError):
+            os.link(source, target)
+            return
+    shutil.copyfile(source, target)

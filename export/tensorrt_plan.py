@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from meddpm.errors import ConfigurationError
-from meddpm.presets import Preset
-from meddpm.unet import INPUT_NAMES
+from meddpm.model.presets import Preset
+from meddpm.model.tensors import CONDITION, NOISY_IMAGE, TIMESTEP, sample_shapes
 
 WORKSPACE_BYTES = 8 << 30
 
@@ -20,20 +20,19 @@ def trtexec_command(onnx_path: Path, plan_path: Path, preset: Preset, max_batch_
     """The equivalent trtexec command, for building inside the stock Triton container instead."""
 
     def shapes(batch: int) -> str:
-        grid = "x".join(map(str, preset.image.grid))
-        return ",".join(
-            [
-                f"{INPUT_NAMES[0]}:{batch}x{preset.out_channels}x{grid}",
-                f"{INPUT_NAMES[1]}:{batch}x{len(preset.condition.labels)}x{grid}",
-                f"{INPUT_NAMES[2]}:{batch}",
-            ]
-        )
+        return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in graph_shapes(preset, batch).items())
 
     return (
         f"trtexec --onnx={onnx_path} --saveEngine={plan_path} --fp16 --precisionConstraints=obey "
         f"--layerPrecisions='*InstanceNormalization*:fp32' --minShapes={shapes(1)} "
         f"--optShapes={shapes(max_batch_size)} --maxShapes={shapes(max_batch_size)}"
     )
+
+
+def graph_shapes(preset: Preset, batch: int) -> dict[str, tuple[int, ...]]:
+    """The graph's input shapes for `batch` samples on the preset's grid (its timestep has no per-sample axis)."""
+    shapes = sample_shapes(preset)
+    return {NOISY_IMAGE: (batch, *shapes[NOISY_IMAGE]), CONDITION: (batch, *shapes[CONDITION]), TIMESTEP: (batch,)}
 
 
 def build_plan(onnx_path: Path, plan_path: Path, preset: Preset, max_batch_size: int) -> None:
@@ -66,11 +65,9 @@ def build_plan(onnx_path: Path, plan_path: Path, preset: Preset, max_batch_size:
                 layer.set_output_type(output, trt.float32)
 
     profile = builder.create_optimization_profile()
-    channels = {INPUT_NAMES[0]: preset.out_channels, INPUT_NAMES[1]: len(preset.condition.labels)}
-    for name, count in channels.items():
-        smallest, largest = (1, count, *preset.image.grid), (max_batch_size, count, *preset.image.grid)
-        profile.set_shape(name, smallest, largest, largest)
-    profile.set_shape(INPUT_NAMES[2], (1,), (max_batch_size,), (max_batch_size,))
+    smallest, largest = graph_shapes(preset, 1), graph_shapes(preset, max_batch_size)
+    for name in smallest:
+        profile.set_shape(name, smallest[name], largest[name], largest[name])
     config.add_optimization_profile(profile)
 
     plan = builder.build_serialized_network(network, config)

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 
 def check_sha256(path, expected):
-    """The graph must be the exported one (this file travels alone: meddpm.checkpoint.sha256_of is not here)."""
+    """The graph must be the exported one (this file travels alone: meddpm.model.checkpoint.sha256_of is not here)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:  # in blocks: hashlib.file_digest needs Python 3.11, a Triton image's may be older
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -26,7 +26,8 @@ def check_sha256(path, expected):
         raise pb_utils.TritonModelException(
             f"{path}: SHA-256 {found}, but config.pbtxt records onnx_sha256 {expected or 'none'}: the graph changed "
             f"after export (weights edited, or another file copied over it); re-run `python -m export` into this "
-            f"model repository and load the model again")
+            f"model repository and load the model again"
+        )
 
 
 class TritonPythonModel:
@@ -40,11 +41,15 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
-        inputs = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names] for r in requests]
+        inputs = [
+            [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names] for r in requests
+        ]
         sizes = [len(tensors[0]) for tensors in inputs]
         feed = {name: np.concatenate([tensors[i] for tensors in inputs]) for i, name in enumerate(self.input_names)}
         output = self.session.run([self.output_name], feed)[0]
         responses = []
         for piece in np.split(output, np.cumsum(sizes)[:-1]):
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, np.ascontiguousarray(piece))]))
+            responses.append(
+                pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, np.ascontiguousarray(piece))])
+            )
         return responses

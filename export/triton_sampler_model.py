@@ -1,45 +1,47 @@
 """Triton python-backend model: the whole Med-DDPM sampling loop on the server, its progress streamed.
 
-`python -m export` copies this file to `<name>_sampler/1/model.py`, with the project's `meddpm` package and the
-model's manifest beside it: the loop is `meddpm.sampling.sample`, the one the app runs; only its denoiser differs
-(`BlsDenoiser`: each step calls the UNet model through BLS, so the tensors stay inside the server).
+`python -m export` copies this file to `<name>_sampler/1/model.py`, with the sampling core of the `meddpm` package
+(meddpm.sampling.core) and the model's manifest beside it: the loop is `meddpm.sampling.loop.sample`, the one the
+app runs; only its denoiser differs (`BlsDenoiser`: each step calls the UNet model through BLS, so the tensors stay
+inside the server).
 
-A request carries one condition (L, D, H, W) and the parameters scheduler, steps, seed, samples and unet_model
-(sample i uses seed + i, as in the app). The model is decoupled: one response per step with `progress`
-[done, total], then a final one with `image` (samples, C, D, H, W). A cancelled request stops before its next
-step; any error ends the request with a final response that carries the error. It refuses to load when the
+Requests and responses follow meddpm.sampling.protocol: one condition and a SamplingRequest in, one response per
+step with the progress, then a final one with the volumes. A cancelled request stops before its next step; any
+error ends the request with a final response that carries the error. It refuses to load when the
 `meddpm` copy's tree hash is not the one its config records (`package_sha256`, written by the export).
 """
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the meddpm copied beside this file, not another
-from meddpm.checkpoint import sha256_of  # noqa: E402
-from meddpm.denoisers import Denoiser  # noqa: E402
-from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError, ServerError  # noqa: E402
-from meddpm.presets import Preset  # noqa: E402
-from meddpm.sampling import sample  # noqa: E402
-from meddpm.served_model import PACKAGE_SHA256, SAMPLER_PACKAGE  # noqa: E402
-from meddpm.unet import INPUT_NAMES, OUTPUT_NAME  # noqa: E402
+from meddpm.errors import Interrupted, ServerError  # noqa: E402
+from meddpm.model.manifest import MANIFEST, PACKAGE_SHA256, SAMPLER_PACKAGE, Manifest, sha256_of  # noqa: E402
+from meddpm.model.tensors import CONDITION, INPUTS, PREDICTED_NOISE  # noqa: E402
+from meddpm.sampling import protocol  # noqa: E402
+from meddpm.sampling.denoiser import Denoiser, NoisePredictor  # noqa: E402
+from meddpm.sampling.loop import sample  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-PARAMETERS = {"scheduler": str, "steps": int, "seed": int, "samples": int, "unet_model": str}
 
 
 def checked_exec(request: "pb_utils.InferenceRequest", model_name: str) -> "pb_utils.InferenceResponse":
     """Run a BLS request and check the response it returned (not some other one) for an error."""
     response = request.exec()
     if response.has_error():
-        raise ServerError(f"UNet model '{model_name}' failed inside the server-side loop: "
-                          f"{response.error().message()}; check that it is loaded and ready")
+        raise ServerError(
+            f"UNet model '{model_name}' failed inside the server-side loop: "
+            f"{response.error().message()}; check that it is loaded and ready"
+        )
     return response
 
 
@@ -51,18 +53,26 @@ class BlsDenoiser(Denoiser):
         self.model_name = model_name
         self.max_batch_size = max_batch_size
 
-    def predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
+    @contextlib.contextmanager
+    def conditioned(self, condition: np.ndarray) -> Iterator[NoisePredictor]:
+        yield lambda noisy_image, timestep: self._predict(noisy_image, timestep, condition)
+
+    def _predict(self, noisy_image: np.ndarray, timestep: np.ndarray, condition: np.ndarray) -> np.ndarray:
         noise = np.empty_like(noisy_image)
         for start in range(0, len(noisy_image), self.max_batch_size):
             stop = min(start + self.max_batch_size, len(noisy_image))
             tensors = (noisy_image[start:stop], condition[start:stop], timestep[start:stop].reshape(-1, 1))
             request = pb_utils.InferenceRequest(
-                model_name=self.model_name, requested_output_names=[OUTPUT_NAME],
-                inputs=[pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in zip(INPUT_NAMES, tensors)])
-            output = pb_utils.get_output_tensor_by_name(checked_exec(request, self.model_name), OUTPUT_NAME)
+                model_name=self.model_name,
+                requested_output_names=[PREDICTED_NOISE],
+                inputs=[pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in zip(INPUTS, tensors)],
+            )
+            output = pb_utils.get_output_tensor_by_name(checked_exec(request, self.model_name), PREDICTED_NOISE)
             if output is None:
-                raise ServerError(f"UNet model '{self.model_name}' returned no '{OUTPUT_NAME}'; serve the model "
-                                  f"that `python -m export` wrote")
+                raise ServerError(
+                    f"UNet model '{self.model_name}' returned no '{PREDICTED_NOISE}'; serve the model "
+                    f"that `python -m export` wrote"
+                )
             noise[start:stop] = output.as_numpy()
         return noise
 
@@ -82,10 +92,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{package}: tree SHA-256 {found}, but config.pbtxt records {PACKAGE_SHA256} {expected or 'none'}: "
                 f"the package changed after export; re-run `python -m export` into this model repository and load "
-                f"the model again")
-        with open(os.path.join(folder, "manifest.json")) as file:
-            manifest = json.load(file)
-        self.preset = Preset.from_dict(manifest["preset"]["name"], manifest["preset"], source="manifest.json")
+                f"the model again"
+            )
+        self.preset = Manifest.read(Path(folder, MANIFEST)).preset
 
     def execute(self, requests):
         for request in requests:
@@ -96,8 +105,8 @@ class TritonPythonModel:
         """Run one request's loop; whatever happens, its last response carries the final flag."""
         sender = request.get_response_sender()
         try:
-            settings = self.settings(request)
-            condition = pb_utils.get_input_tensor_by_name(request, "condition").as_numpy()
+            sampling, unet_model = protocol.decode_request(json.loads(request.parameters() or "{}"), self.unet_models)
+            condition = pb_utils.get_input_tensor_by_name(request, CONDITION).as_numpy()
             stop = threading.Event()
             if sender.is_cancelled():
                 raise Interrupted("cancelled before the first step")
@@ -106,40 +115,22 @@ class TritonPythonModel:
                 if sender.is_cancelled():
                     stop.set()  # the loop ends before its next step
                     return
-                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("progress", np.array([done, total], np.int32))]))
+                done_of_total = np.array([done, total], np.int32)
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(protocol.PROGRESS, done_of_total)]))
 
             started = time.monotonic()
-            seeds = [settings["seed"] + i for i in range(settings["samples"])]
-            image = sample(BlsDenoiser(settings["unet_model"], self.unet_max_batch_size), condition,
-                           self.preset.out_channels, settings["scheduler"], settings["steps"], self.preset.schedule,
-                           seeds, progress, stop)
-            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("image", image)]), flags=FINAL)
-            pb_utils.Logger.log_verbose(f"{len(seeds)} sample(s), {settings['steps']} steps in "
-                                        f"{time.monotonic() - started:.2f} s")
+            image = sample(
+                BlsDenoiser(unet_model, self.unet_max_batch_size),
+                condition,
+                sampling,
+                self.preset,
+                progress=progress,
+                stop=stop,
+            )
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(protocol.IMAGE, image)]), flags=FINAL)
+            pb_utils.Logger.log_verbose(
+                f"{sampling.samples} sample(s), {sampling.steps} steps in {time.monotonic() - started:.2f} s"
+            )
         except Exception as error:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(self.message(error))), flags=FINAL)
-
-    def settings(self, request) -> dict:
-        """The request's parameters, typed and checked against this model."""
-        given = json.loads(request.parameters() or "{}")
-        missing = [name for name in PARAMETERS if name not in given]
-        if missing:
-            raise ConfigurationError(f"request parameters {', '.join(missing)} are missing; send all of "
-                                     f"{', '.join(PARAMETERS)}")
-        try:
-            settings = {name: kind(given[name]) for name, kind in PARAMETERS.items()}
-        except ValueError as error:
-            raise ConfigurationError(f"a request parameter has the wrong type ({error}); types: "
-                                     f"{', '.join(f'{n} {k.__name__}' for n, k in PARAMETERS.items())}") from None
-        if settings["unet_model"] not in self.unet_models:
-            raise ConfigurationError(f"unet_model '{settings['unet_model']}' is not a serving of this model; "
-                                     f"choose one of {', '.join(self.unet_models)}")
-        if settings["samples"] < 1:
-            raise ConfigurationError(f"samples {settings['samples']}: ask for at least 1")
-        return settings
-
-    @staticmethod
-    def message(error: Exception) -> str:
-        if isinstance(error, MedDDPMError):
-            return f"{type(error).__name__}: {error}"
-        return f"internal error in the server-side loop: {type(error).__name__}: {error}"
+            message = protocol.error_message(error)
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)

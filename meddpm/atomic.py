@@ -44,8 +44,10 @@ def staged_folder(target: Path) -> Iterator[Path]:
         except OSError as error:
             if error.errno not in WRITE_ERRORS:
                 raise
-            raise OutputError(f"{error.filename or target}: cannot be written ({error.strerror}); free space, or "
-                              f"write to another folder") from None
+            raise OutputError(
+                f"{error.filename or target}: cannot be written ({error.strerror}); free space, or "
+                f"write to another folder"
+            ) from None
         _swap_into_place(staging, target)
     finally:
         os.close(lock)
@@ -55,8 +57,10 @@ def staged_folder(target: Path) -> Iterator[Path]:
 def check_target(target: Path) -> None:
     """Refuse a target that is not a folder the swap may replace: a symbolic link, or a file."""
     if target.is_symlink():
-        raise OutputError(f"{target}: is a symbolic link; outputs are replaced whole and links are neither followed "
-                          f"nor removed: remove the link, or write to another folder")
+        raise OutputError(
+            f"{target}: is a symbolic link; outputs are replaced whole and links are neither followed "
+            f"nor removed: remove the link, or write to another folder"
+        )
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder; move it away, or write to another folder")
 
@@ -71,8 +75,10 @@ def check_writable(folder: Path) -> None:
 
 
 def unwritable_folder(folder: Path | str, error: OSError) -> OutputError:
-    return OutputError(f"{folder}: cannot write outputs there ({error.strerror}); choose a writable output folder "
-                       f"(-o, HOLOSCAN_OUTPUT_PATH)")
+    return OutputError(
+        f"{folder}: cannot write outputs there ({error.strerror}); choose a writable output folder "
+        f"(-o, HOLOSCAN_OUTPUT_PATH)"
+    )
 
 
 def remove_leftovers(folder: Path) -> list[str]:
@@ -160,8 +166,9 @@ def _rename(source: Path, target: Path, flags: int) -> bool:
         return False
     if error in (errno.EINVAL, errno.ENOSYS):
         raise _NoAtomicSwap
-    raise OutputError(f"{target}: cannot be put in place ({os.strerror(error)}); check the output folder's "
-                      f"permissions and free space")
+    raise OutputError(
+        f"{target}: cannot be put in place ({os.strerror(error)}); check the output folder's permissions and free space"
+    )
 
 
 def _swap_in_two_steps(staging: Path, target: Path) -> None:

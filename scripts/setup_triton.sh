@@ -10,7 +10,7 @@ if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv $VENV
 fi
 $VENV/bin/pip install --quiet nvidia-pytriton==0.7.0 onnxruntime==1.31.1 numpy==1.26.4
-# The server-side sampling loop (<name>_sampler) runs meddpm.sampling: torch first, pinned to the local CPU build
+# The server-side sampling loop (<name>_sampler) runs meddpm.sampling.loop: torch first, pinned to the local CPU build
 # (any other pin pulls the CUDA build), then diffusers at the app's version; the meddpm package itself travels
 # in the model repository (python -m export copies it).
 $VENV/bin/pip install --quiet torch==2.13.0

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up .venv, .venv-triton (the local Triton server) and Orthanc (the PACS), which the integration tests
-# start, then run the linters and the whole test suite (unit and integration tiers).
+# start; run the code checks (scripts/check.sh), then the tests: both tiers by default, or what the arguments
+# name, e.g. `scripts/test.sh tests/unit` for the unit tier alone (a few minutes, no server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/setup_triton.sh
 scripts/setup_pacs.sh
-.venv/bin/ruff check .
+scripts/check.sh
 .venv/bin/python -m pytest "$@"

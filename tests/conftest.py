@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meddpm.presets import Preset, load_presets
+from meddpm.model.presets import Preset, load_presets
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"  # public Med-DDPM files, sources in tests/data/README.md
@@ -89,6 +89,21 @@ def demo_repository(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     assert export_main(["--checkpoint", str(DEMO_CHECKPOINT), "--preset", "demo", "--repository", str(repo)]) == 0
     return repo
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """A 32^3 phantom mask on an oblique 6 mm grid, its 'acquired' MR series (with patient data) and its SEG."""
+    import numpy as np
+
+    from meddpm.imaging.phantoms import make_phantom
+    from tests.dicom_samples import image_series, oblique_affine, segmentation, study
+
+    labels, _ = make_phantom(np.random.default_rng(3), (32, 32, 32), 6.0)
+    affine = oblique_affine(labels.shape, 6.0)
+    source_study = study()
+    mr = image_series(labels.astype(np.uint16) * 400, affine, source_study, 3, "T1 MPRAGE")
+    return labels, affine, source_study, mr, segmentation(mr, labels)
 
 
 def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:

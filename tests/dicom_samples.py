@@ -76,8 +76,9 @@ def study(identity: dict[str, str] = PATIENT) -> Dataset:
     return ds
 
 
-def image_series(volume: np.ndarray, affine_ras: np.ndarray, study_ds: Dataset, series_number: int,
-                 description: str) -> list[Dataset]:
+def image_series(
+    volume: np.ndarray, affine_ras: np.ndarray, study_ds: Dataset, series_number: int, description: str
+) -> list[Dataset]:
     """One single-frame MR dataset per slice of `volume` (X, Y, Z) along Z, positioned by `affine_ras`."""
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras
     spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
@@ -117,22 +118,33 @@ def image_series(volume: np.ndarray, affine_ras: np.ndarray, study_ds: Dataset, 
     return datasets
 
 
-def segmentation(source: list[Dataset], labels: np.ndarray, segments: dict[int, str] = SEGMENTS,
-                 omit_empty_frames: bool = False) -> Dataset:
+def segmentation(
+    source: list[Dataset], labels: np.ndarray, segments: dict[int, str] = SEGMENTS, omit_empty_frames: bool = False
+) -> Dataset:
     """A binary DICOM SEG of `labels` (X, Y, Z) on the grid of `source`; label n is segment n."""
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=number, segment_label=name,
-            segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
+            segment_number=number,
+            segment_label=name,
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
         )
         for number, name in segments.items()
     ]
     return hd.seg.Segmentation(
-        source_images=source, pixel_array=np.ascontiguousarray(labels.transpose(2, 1, 0)).astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(), series_number=50, sop_instance_uid=generate_uid(), instance_number=1,
-        manufacturer="test", manufacturer_model_name="test", software_versions="0", device_serial_number="1",
+        source_images=source,
+        pixel_array=np.ascontiguousarray(labels.transpose(2, 1, 0)).astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=50,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="0",
+        device_serial_number="1",
         omit_empty_frames=omit_empty_frames,
     )
 

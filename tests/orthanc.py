@@ -58,7 +58,9 @@ class OrthancServer:
         (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.log = folder / "orthanc.log"
         with self.log.open("w") as log:
-            self.process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+            )
         self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 60) -> None:

@@ -2,7 +2,7 @@
 
     python -m training.train_demo --steps 3000 --batch 4 --out models/demo/model_demo.pt
 
-The network is the "demo" preset of meddpm/presets.toml (Med-DDPM architecture, 16 channels, 32^3 grid).
+The network is the "demo" preset of meddpm/model/presets.toml (Med-DDPM architecture, 16 channels, 32^3 grid).
 Training is Med-DDPM's objective: epsilon prediction with a uniformly drawn timestep, mean squared error,
 on the preset's cosine schedule; weights are an exponential moving average, as Med-DDPM samples with.
 Fits a 2-core CPU: about 1.3 s a step at batch 4, 65 minutes in all; a GPU is used when present.
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from meddpm.checkpoint import load_checkpoint, save_meddpm_checkpoint
-from meddpm.geometry import ModelGrid, condition_channels
-from meddpm.phantoms import make_phantom
-from meddpm.presets import get_preset
-from meddpm.unet import ConditionalDenoiser, build_unet
+from meddpm.imaging.geometry import ModelGrid, condition_channels
+from meddpm.imaging.phantoms import make_phantom
+from meddpm.model.checkpoint import load_checkpoint, save_meddpm_checkpoint
+from meddpm.model.presets import get_preset
+from meddpm.model.unet import ConditionalDenoiser, build_unet
 
 log = logging.getLogger("train_demo")
 
@@ -53,7 +53,9 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, init: Path | 
     unet = (load_checkpoint(init, preset).unet if init else build_unet(preset)).to(device)
     ema = copy.deepcopy(unet).eval()
     model = ConditionalDenoiser(unet)
-    noise_schedule = DDPMScheduler(num_train_timesteps=preset.schedule.timesteps, beta_schedule=preset.schedule.beta_schedule)
+    noise_schedule = DDPMScheduler(
+        num_train_timesteps=preset.schedule.timesteps, beta_schedule=preset.schedule.beta_schedule
+    )
     optimiser = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.05)
 

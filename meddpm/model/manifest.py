@@ -1,0 +1,123 @@
+"""The manifest `python -m export` writes into every version folder: what was exported, and the hashes that prove it.
+
+`Manifest` is the one definition of the file: the export builds one, the app, the Triton client and the
+server-side loop read it with `Manifest.read`, never by string keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from meddpm.errors import ModelError
+from meddpm.model.presets import Preset
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 3  # 3: the sampler's code is the sampling core alone, its files listed
+# The export's hashes in each entry's config.pbtxt `parameters` (what a client can ask a server for): the ONNX
+# graph a UNet entry serves (for _trt, the graph its plan was built from), and the sampler's copy of the sampling
+# core; each is the `sha256` of a manifest record.
+ONNX_SHA256, PACKAGE_SHA256 = "onnx_sha256", "package_sha256"
+SAMPLER_PACKAGE = "meddpm"  # the folder beside the sampler's model.py that holds the sampling core
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRecord:
+    file: str
+    sha256: str
+    layout: str  # "ema", "model" or "bare" (meddpm.model.checkpoint)
+    schedule_checked: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphRecord:
+    file: str
+    sha256: str
+    opset: int
+    inputs: tuple[str, ...]
+    output: str
+    grid_multiple: int  # each side of the grid must be a multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerCodeRecord:
+    """The sampling core copied beside the sampler's model.py (meddpm.sampling.core)."""
+
+    folder: str
+    sha256: str  # tree hash of `files` (sha256_of)
+    files: tuple[str, ...]
+    version: str  # meddpm-deploy's version that exported it
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    preset: Preset
+    checkpoint: CheckpointRecord
+    onnx: GraphRecord
+    sampler_package: SamplerCodeRecord
+    verification: dict[str, Any]  # export.onnx_graph.Verification.to_dict(): tolerance, errors, cases, passed
+    versions: dict[str, str]  # package versions that made the export
+    created: str
+    triton_model: str = ""  # the repository entry this copy lies in
+
+    @property
+    def verification_passed(self) -> bool:
+        return bool(self.verification["passed"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": MANIFEST_FORMAT, **dataclasses.asdict(self)}
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        """The manifest at `path`; ModelError saying to re-export when it is missing, older or malformed."""
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
+            preset = data["preset"]
+            return cls(
+                preset=Preset.from_dict(preset["name"], preset, source=str(path)),
+                checkpoint=_record(CheckpointRecord, data["checkpoint"]),
+                onnx=_record(GraphRecord, data["onnx"]),
+                sampler_package=_record(SamplerCodeRecord, data["sampler_package"]),
+                verification=dict(data["verification"]),
+                versions=dict(data["versions"]),
+                created=str(data["created"]),
+                triton_model=str(data.get("triton_model", "")),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ModelError(f"{path}: unreadable manifest ({error}); re-run `python -m export`") from None
+
+
+def _record(kind: type, values: dict[str, Any]) -> Any:
+    """A record from its JSON object: every field present, sha256 a string, lists as tuples."""
+    fields = {f.name for f in dataclasses.fields(kind)}
+    if "sha256" in fields and not isinstance(values.get("sha256"), str):
+        raise TypeError(f"{kind.__name__} sha256 is not a string")
+    return kind(**{name: tuple(values[name]) if isinstance(values[name], list) else values[name] for name in fields})
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file, or of a folder as a tree: each file's relative path and hash, sorted by path
+    (__pycache__ left out: Python writes it where the package runs)."""
+    if not path.is_dir():
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    files = [
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and "__pycache__" not in p.relative_to(path).parts
+    ]
+    return tree_sha256(path, files)
+
+
+def tree_sha256(root: Path, files: Iterable[str]) -> str:
+    """SHA-256 of the files named (relative to `root`) as a tree; equal to sha256_of a folder holding just them."""
+    return hashlib.sha256("".join(f"{name}\0{sha256_of(root / name)}\n" for name in sorted(files)).encode()).hexdigest()

@@ -1,0 +1,90 @@
+"""The sampling loop, the one every backend runs: a diffusers scheduler from the registry, driven by a denoiser.
+
+    set the scheduler's timesteps -> for t in timesteps: eps = denoiser(x_t, t) -> x = scheduler.step(eps, t, x)
+
+Every scheduler sees the predicted clean image x0 clipped to the model's range, as Med-DDPM clips it; the clipping
+is folded into epsilon (`clip_x0_in_epsilon`) at the noise level the solver's update assumes (`step_alpha_bars`),
+so one mechanism serves every solver.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from meddpm.errors import Interrupted
+from meddpm.model.presets import Preset
+from meddpm.model.tensors import IMAGE_RANGE
+from meddpm.sampling.denoiser import Denoiser
+from meddpm.sampling.request import SamplingRequest
+from meddpm.sampling.schedulers import make_scheduler
+
+Progress = Callable[[int, int, float], None]  # (steps done, steps in all, seconds elapsed)
+
+
+def sample(
+    denoiser: Denoiser,
+    condition: np.ndarray,
+    request: SamplingRequest,
+    preset: Preset,
+    *,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> np.ndarray:
+    """Synthesise the request's samples for one condition (L, D, H, W) of `preset`; returns (samples, C, D, H, W)
+    in the model's range. Setting `stop` ends the loop before its next step with `Interrupted`."""
+    request.check(preset.schedule)
+    scheduler = make_scheduler(request.scheduler, preset.schedule, request.steps)
+    batch = request.samples
+    conditions = np.ascontiguousarray(np.broadcast_to(condition, (batch, *condition.shape)), dtype=np.float32)
+    x, generators = initial_noise((batch, preset.out_channels, *condition.shape[1:]), request.seeds)
+    x = x * scheduler.init_noise_sigma
+    alpha_bars = step_alpha_bars(scheduler)
+    stochastic = noise_arguments(scheduler, generators)
+    started = time.monotonic()
+    with denoiser.conditioned(conditions) as predict_noise:
+        for i, t in enumerate(scheduler.timesteps):
+            if stop is not None and stop.is_set():
+                raise Interrupted(f"stopped at step {i + 1} of {len(scheduler.timesteps)}; nothing was written")
+            timestep = np.full((batch,), float(t), dtype=np.float32)
+            epsilon = torch.from_numpy(predict_noise(x.numpy(), timestep))
+            epsilon = clip_x0_in_epsilon(epsilon, x, alpha_bars[i])
+            x = scheduler.step(epsilon, t, x, **stochastic).prev_sample
+            if progress is not None:
+                progress(i + 1, len(scheduler.timesteps), time.monotonic() - started)
+    return x.clamp_(*IMAGE_RANGE).numpy()
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """x_T ~ N(0, I), one generator per sample: a sample depends on its own seed only."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return randn_tensor(shape, generator=generators, dtype=torch.float32), generators
+
+
+def clip_x0_in_epsilon(epsilon: torch.Tensor, sample: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """epsilon whose implied x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) is clipped to the model's range; in place."""
+    sqrt_a, sqrt_one_minus_a = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+    x0 = epsilon.mul_(-sqrt_one_minus_a).add_(sample).div_(sqrt_a).clamp_(*IMAGE_RANGE)
+    return x0.mul_(-sqrt_a).add_(sample).div_(sqrt_one_minus_a)
+
+
+def step_alpha_bars(scheduler: Any) -> list[float]:
+    """The alpha-bar each step's solver update assumes: its own noise level where it keeps one per step (which need
+    not be a training timestep's), else the training schedule's at the step's timestep. The x0 clipping must use
+    the same, or the solver's x0 escapes the model's range."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:
+        return (1.0 / (1.0 + sigmas[:-1].double() ** 2)).tolist()
+    return scheduler.alphas_cumprod.double()[scheduler.timesteps.long()].tolist()
+
+
+def noise_arguments(scheduler: Any, generators: list[torch.Generator]) -> dict:
+    """What `scheduler.step` needs to draw its noise from the samples' own generators (nothing if it draws none)."""
+    return {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}

@@ -1,0 +1,145 @@
+"""The app under bad input and faults: nothing outside a mask's own folder is touched, what cannot work is refused
+before any sampling with its exit code, and a full disk or a signal at start-up ends with a clear message."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from deploy.local_triton import free_port
+from meddpm.imaging.phantoms import make_phantom
+from tests.conftest import REPO
+from tests.integration.test_app import run_app, write_mask
+
+pytestmark = pytest.mark.slow
+FAST = ("--scheduler", "ddim", "--steps", "2", "--seed", "1")
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    mask, _ = make_phantom(np.random.default_rng(31), (32, 32, 32), 6.0)
+    return mask
+
+
+def contents(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_a_mask_never_touches_anything_outside_its_own_output_folder(demo_repository, phantom, tmp_path):
+    masks, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
+    for folder in (masks, out / "earlier", elsewhere):
+        folder.mkdir(parents=True)
+    (out / "earlier" / "sample_0.nii.gz").write_text("an earlier result")
+    (out / "notes.txt").write_text("unrelated")
+    (elsewhere / "keep").write_text("precious")
+    (out / "linked").symlink_to(elsewhere)
+    affine = np.diag([6.0, 6.0, 6.0, 1.0])
+    for name in (".nii.gz", "subj.nii", "subj.nii.gz", "x\nFORGED log line.nii.gz", "linked.nii.gz", "ok.nii.gz"):
+        write_mask(masks / name, phantom, affine)
+    before = contents(out)
+
+    result = run_app("-i", masks, "-o", out, "-m", demo_repository, *FAST)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "1 mask(s) synthesised, 5 failed" in result.stdout
+    assert contents(out) == sorted([*before, "ok", "ok/preview.png", "ok/record.json", "ok/sample_0.nii.gz"])
+    assert (out / "earlier" / "sample_0.nii.gz").read_text() == "an earlier result"
+    assert (elsewhere / "keep").read_text() == "precious" and (out / "linked").is_symlink()
+    assert "the name is empty before its suffix" in output and "shares its output folder name 'subj'" in output
+    assert "linked: is a symbolic link" in output and "the name holds control characters" in output
+    assert not any(line.startswith("FORGED") for line in output.splitlines())
+    assert "mask linked:" not in output  # refused before its mask was read, let alone sampled
+
+
+def test_a_full_disk_is_named_and_leaves_nothing_behind(demo_repository, phantom, tmp_path):
+    """The output folder is a 48 KiB tmpfs (a private mount namespace): the first NIfTI does not fit."""
+    write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
+    out = tmp_path / "out"
+    out.mkdir()
+    script = 'mount -t tmpfs -o size=48k tmpfs "$1" && shift && "$@"; code=$?; ls -A "$OUT"; exit $code'
+    command = [sys.executable, "-m", "app", "-i", tmp_path / "head.nii.gz", "-o", out, "-m", demo_repository, *FAST]
+    result = subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh", out, *map(str, command)],
+        cwd=REPO,
+        env={**os.environ, "OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot be written (No space left on device); free space" in result.stdout
+    assert "internal error" not in result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].startswith("  FAILED head")  # `ls -A` of the tmpfs printed nothing
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("--seed", str(2**64)), 2, "is not a seed from 0 to 9223372036854775807"),
+        (("--seed", str(2**63 - 1), "--samples", "2"), 2, "choose a seed from 0 to 9223372036854775806"),
+        (("--rescale", "0,inf"), 2, "MIN and MAX must be finite numbers"),
+        (("--rescale=-1e39,0",), 2, "MIN and MAX must be finite numbers"),
+        (("--threads", "100000"), 2, "the cores this process may use"),
+        (("-o", "{file}/out"), 2, "cannot write outputs there (Not a directory)"),
+        (("-i", "{fifo}"), 3, "is neither a regular file nor a folder"),
+    ],
+)
+def test_what_cannot_work_is_refused_before_any_sampling(demo_repository, phantom, tmp_path, args, code, message):
+    write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
+    (tmp_path / "file").write_text("a file, not a folder")
+    os.mkfifo(tmp_path / "fifo")
+    args = [str(arg).format(file=tmp_path / "file", fifo=tmp_path / "fifo") for arg in args]
+    for flag, default in (("-i", tmp_path / "head.nii.gz"), ("-o", tmp_path / "out")):
+        args += [] if flag in args else [flag, default]
+    result = run_app(*args, "-m", demo_repository, "--scheduler", "ddim", "--steps", "2")
+    assert result.returncode == code, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("moment", ["importing", "waiting for the server"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_exits_130_without_a_traceback(demo_repository, phantom, tmp_path, sig, moment):
+    """Start-up is stopped while the libraries are imported, and in its wait for a Triton server that is not there."""
+    write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
+    environment = {**os.environ, "TRITON_SERVER_NETLOC": f"localhost:{free_port()}"}
+    app = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "-i",
+            tmp_path / "head.nii.gz",
+            "-o",
+            tmp_path / "out",
+            "-m",
+            demo_repository,
+            "--triton-retry-window",
+            "600",
+        ],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = []
+    if moment == "importing":
+        time.sleep(0.5)
+    else:
+        for line in app.stderr:
+            seen.append(line)
+            if "waiting up to 600 s" in line:
+                break
+    app.send_signal(sig)
+    stdout, stderr = app.communicate(timeout=120)
+    stderr = "".join(seen) + stderr
+    assert app.returncode == 130, stdout + stderr
+    assert "stopped by Ctrl-C or SIGTERM while starting" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -1,0 +1,114 @@
+"""The benchmark commands run end to end on a small grid (smoke runs: their figures are not judged here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deploy.local_triton import DEFAULT_VENV
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def run_module(*args):
+    result = subprocess.run(
+        [sys.executable, "-m", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_sampling_loop_benchmark_runs_every_loop(tmp_path):
+    if not (DEFAULT_VENV / "bin" / "python").exists():
+        pytest.fail(f"{DEFAULT_VENV} is missing: run scripts/setup_triton.sh (scripts/test.sh does)")
+    out = run_module(
+        "benchmarks.sampling_loop", "--grids", 16, "--steps", 2, "--repeats", 1, "--json", tmp_path / "loop.json"
+    )
+    figures = json.loads((tmp_path / "loop.json").read_text())["results"][0]["backends"]
+    assert set(figures) == {
+        "reference",
+        "onnxruntime-stock",
+        "onnxruntime",
+        "triton-network",
+        "triton-shm",
+        "triton-server-loop",
+    }
+    assert figures["onnxruntime-stock"]["max_abs_diff_vs_onnxruntime"] == 0.0  # tuning changed no number
+    for name in ("triton-network", "triton-shm", "triton-server-loop"):  # one loop, one image, wherever it runs
+        assert figures[name]["max_abs_diff_vs_onnxruntime"] < 1e-5, name
+    assert figures["triton-shm"]["bytes_per_step"] < figures["triton-network"]["bytes_per_step"]
+    assert figures["triton-server-loop"]["bytes_per_volume"] < figures["triton-network"]["bytes_per_volume"]
+    assert "| 16³ | triton-shm |" in out
+
+
+def test_gpu_benchmark_runs_its_cpu_variants(tmp_path):
+    run_module(
+        "benchmarks.gpu_unet",
+        "--device",
+        "cpu",
+        "--preset",
+        "demo",
+        "--grid",
+        16,
+        "--repeats",
+        1,
+        "--variants",
+        "fp32",
+        "channels-last",
+        "--json",
+        tmp_path / "gpu.json",
+    )
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "channels-last"]
+    assert rows[1]["max_rel_error_vs_fp32"] < 1e-5
+
+
+def test_onnxruntime_options_benchmark_compares_every_variant_with_stock(tmp_path):
+    out = run_module(
+        "benchmarks.onnxruntime_options", "--grids", 16, "--calls", 1, "--rounds", 1, "--json", tmp_path / "ort.json"
+    )
+    variants = json.loads((tmp_path / "ort.json").read_text())["results"][0]["variants"]
+    assert list(variants) == ["stock", "threads-1", "threads-2", "no-spinning", "extended", "io-binding"]
+    assert variants["stock"]["ratio_vs_stock"] == 1.0
+    assert variants["io-binding"]["max_abs_diff_vs_first"] < 1e-5  # same graph, same noise
+    assert "| 16³ | io-binding |" in out
+
+
+def test_quality_benchmark_scores_fast_schedulers_against_ddpm250(demo_repository, tmp_path):
+    out = run_module(
+        "benchmarks.quality",
+        "--repository",
+        demo_repository,
+        "--masks",
+        1,
+        "--schedulers",
+        "dpmpp2m-sde",
+        "--steps",
+        3,
+        "--json",
+        tmp_path / "quality.json",
+    )
+    results = json.loads((tmp_path / "quality.json").read_text())
+    assert [(r["scheduler"], r["steps"]) for r in results["runs"]] == [("ddpm", 250), ("dpmpp2m-sde", 3)]
+    fast = results["runs"][1]
+    assert fast["vs_ddpm250"]["brain"]["n"] == 2 and 0.0 <= fast["dice_brain"]["mean"] <= 1.0
+    assert results["ground_truth_ceiling"]["brain"]["mean"] > 0.9  # the segmentation reads phantoms back
+    assert "Fewest steps within 0.02 of DDPM-250" in out
+
+
+def test_step_math_benchmark_times_every_scheduler(tmp_path):
+    run_module("benchmarks.step_math", "--grid", 16, "--steps", 3, "--json", tmp_path / "math.json")
+    rows = json.loads((tmp_path / "math.json").read_text())["rows"]
+    assert [r["scheduler"] for r in rows] == ["ddpm", "ddim", "dpmpp2m", "deis", "dpmpp2m-sde"]
+    assert all(r["step_ms"] > 0 for r in rows)
+
+
+def test_mask_memory_benchmark_measures_a_run_beside_its_estimate(demo_repository):
+    out = run_module("benchmarks.mask_memory", "--repository", demo_repository, "--cases", "32:12:2")
+    row = next(line for line in out.splitlines() if line.startswith("| 32³ | 12 |"))
+    measured, estimate = (float(cell) for cell in row.split("|")[5:7])
+    assert row.startswith("| 32³ | 12 | 64x64x64 | 2 |") and 0 < measured <= estimate

@@ -1,0 +1,167 @@
+"""The output swap: old or new, never half and never neither, with any number of writers and any of them killed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from meddpm.atomic import remove_leftovers, staged_folder
+from meddpm.errors import OutputError
+from tests.conftest import REPO
+
+# A writer that swaps versions of one folder into place until killed; each version holds two files with one token.
+WRITER = """
+import sys, uuid
+from pathlib import Path
+from meddpm.atomic import staged_folder
+target, swaps = Path(sys.argv[1]), int(sys.argv[2])
+for _ in range(swaps):
+    with staged_folder(target) as staging:
+        token = uuid.uuid4().hex
+        (staging / "a").write_text(token)
+        (staging / "b").write_text(token)
+print("done", flush=True)
+"""
+
+# A writer that fills its staging folder and then waits, holding it, until killed.
+HOLDER = """
+import sys, time
+from pathlib import Path
+from meddpm.atomic import staged_folder
+with staged_folder(Path(sys.argv[1])) as staging:
+    (staging / "a").write_text("unfinished")
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def start(script, *args):
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def version(target: Path) -> str | None:
+    """The token of the version in place; fails on a missing or half version. Both files are read through one
+    handle on the folder, so that a swap between the two reads cannot mix versions; None when the version read was
+    replaced meanwhile and is being removed (a reader's files vanish under it, as with any replaced output)."""
+    folder = os.open(target, os.O_RDONLY | os.O_DIRECTORY)  # raises when no version is in place
+    try:
+        a, b = (Path(f"/proc/self/fd/{folder}/{name}").read_text() for name in ("a", "b"))
+    except FileNotFoundError:
+        if os.fstat(folder).st_ino == os.stat(target).st_ino:
+            raise AssertionError("a version without both files is in place") from None
+        return None  # replaced since it was opened, and being removed
+    finally:
+        os.close(folder)
+    assert a == b, "a half-written version is visible"
+    return a
+
+
+def write_version(target: Path, token: str) -> None:
+    with staged_folder(target) as staging:
+        (staging / "a").write_text(token)
+        (staging / "b").write_text(token)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+class Reader(threading.Thread):
+    """Reads the target over and over; records anything but a whole version."""
+
+    def __init__(self, target: Path):
+        super().__init__(daemon=True)
+        self.target, self.reads, self.failures, self.running = target, 0, [], True
+
+    def run(self):
+        while self.running:
+            try:
+                version(self.target)
+                self.reads += 1
+            except (OSError, AssertionError) as error:
+                self.failures.append(repr(error))
+
+
+def test_concurrent_writers_always_leave_one_whole_version_in_place(tmp_path):
+    target = tmp_path / "out" / "subj"
+    write_version(target, "first")
+    reader = Reader(target)
+    reader.start()
+    writers = [start(WRITER, target, 150) for _ in range(4)]
+    results = [writer.communicate(timeout=600) for writer in writers]
+    reader.running = False
+    reader.join()
+    assert [w.returncode for w in writers] == [0] * 4, [err[-2000:] for _, err in results]
+    assert reader.failures == [] and reader.reads > 0
+    assert version(target) != "first" and leftovers(target.parent) == []
+
+
+def test_writers_killed_at_any_moment_leave_a_whole_version_and_their_leftovers_are_removed(tmp_path):
+    target = tmp_path / "out" / "subj"
+    write_version(target, "first")
+    reader = Reader(target)
+    reader.start()
+    for delay in (0.3, 0.6, 0.9, 1.2):  # several rounds of writers killed mid-swap, at different moments
+        writers = [start(WRITER, target, 10**6) for _ in range(3)]
+        time.sleep(delay)
+        for writer in writers:
+            writer.send_signal(signal.SIGKILL)
+            writer.wait()
+    reader.running = False
+    reader.join()
+    assert reader.failures == [] and reader.reads > 0
+    version(target)
+    write_version(target, "last")  # the next write removes what the killed writers left
+    assert version(target) == "last" and leftovers(target.parent) == []
+
+
+def test_a_live_writers_staging_folder_is_not_taken_for_a_leftover(tmp_path):
+    target = tmp_path / "subj"
+    holder = start(HOLDER, target)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        assert remove_leftovers(tmp_path) == [] and len(leftovers(tmp_path)) == 1
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert len(remove_leftovers(tmp_path)) == 1 and leftovers(tmp_path) == []
+    finally:
+        holder.kill()
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_target_that_is_a_link_or_a_file_is_refused_and_left_alone(tmp_path, kind):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("precious")
+    target = tmp_path / "out" / "subj"
+    target.parent.mkdir()
+    if kind == "link":
+        target.symlink_to(elsewhere)
+    else:
+        target.write_text("a file")
+    with pytest.raises(OutputError, match="symbolic link|is not a folder"), staged_folder(target):
+        pass
+    assert (elsewhere / "keep").read_text() == "precious" and leftovers(target.parent) == []
+    assert target.is_symlink() if kind == "link" else target.read_text() == "a file"
+
+
+def test_a_full_disk_is_named_and_nothing_is_left_behind(tmp_path):
+    target = tmp_path / "subj"
+    with pytest.raises(OutputError, match=r"big.bin: cannot be written \(No space left on device\); free space"):
+        with staged_folder(target) as staging:
+            raise OSError(errno.ENOSPC, "No space left on device", str(staging / "big.bin"))
+    assert not target.exists() and leftovers(tmp_path) == []
