@@ -30,8 +30,8 @@ from app.report import RunReport
 from app.settings import SamplingSettings, help_text, parse_settings
 from app.synthesis_operator import SamplingPlan, SynthesisOperator
 from meddpm.atomic import check_writable, unwritable_folder
-from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
-from meddpm.backends.triton.options import LoopMode, RetryPolicy, Transport
+from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
+from meddpm.backends.triton_client.options import LoopMode, RetryPolicy, Transport
 from meddpm.dicom.options import DicomOptions, SegmentMap
 from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError
 from meddpm.imaging.formats import OutputFormat
@@ -42,7 +42,7 @@ from meddpm.model.repository import ServedModel, find_model
 from meddpm.sampling.denoiser import Denoiser
 
 if TYPE_CHECKING:
-    from meddpm.backends.triton.server_loop import TritonServerLoop
+    from meddpm.backends.triton_client.server_loop import TritonServerLoop
     from meddpm.dicom.pacs import PacsExporter
 
 log = logging.getLogger("app")
@@ -180,7 +180,7 @@ def make_denoiser(triton_url: str | None, model: ServedModel, settings: Sampling
     if not triton_url:
         check_fits(model.preset, min(settings.batch_size, settings.samples), model.onnx_path.stat().st_size)
         return OnnxRuntimeDenoiser(model.onnx_path, settings.threads)
-    from meddpm.backends.triton.client import TritonDenoiser
+    from meddpm.backends.triton_client.client import TritonDenoiser
 
     policy = RetryPolicy(deadline_s=settings.triton_deadline, window_s=settings.triton_retry_window)
     # The server-side loop moves no tensors per step: no shared memory to set up for it.
@@ -190,8 +190,8 @@ def make_denoiser(triton_url: str | None, model: ServedModel, settings: Sampling
 
 def make_server_loop(denoiser: Denoiser) -> TritonServerLoop:
     """The sampling loop inside the Triton server whose UNet `denoiser` calls (--triton-loop server)."""
-    from meddpm.backends.triton.client import TritonDenoiser
-    from meddpm.backends.triton.server_loop import TritonServerLoop
+    from meddpm.backends.triton_client.client import TritonDenoiser
+    from meddpm.backends.triton_client.server_loop import TritonServerLoop
 
     if not isinstance(denoiser, TritonDenoiser):
         raise ConfigurationError(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
-from meddpm.backends.triton.options import LoopMode, RetryPolicy, Transport
+from meddpm.backends.triton_client.options import LoopMode, RetryPolicy, Transport
 from meddpm.choices import parse_choice
 from meddpm.dicom.options import COPYABLE_ATTRIBUTES, CStoreDestination, IdentityPolicy, SegmentMap
 from meddpm.errors import ConfigurationError

@@ -14,7 +14,7 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from app.report import RunReport
 from app.settings import SamplingSettings
-from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
+from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.imaging.formats import OutputFormat
 from meddpm.imaging.geometry import ModelGrid, check_label_fit, condition_channels
 from meddpm.imaging.masks import LabelMask
@@ -26,7 +26,7 @@ from meddpm.sampling.request import SamplingRequest
 from meddpm.sampling.schedulers import default_steps
 
 if TYPE_CHECKING:
-    from meddpm.backends.triton.server_loop import TritonServerLoop
+    from meddpm.backends.triton_client.server_loop import TritonServerLoop
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("meddpm.progress")

@@ -12,7 +12,7 @@ Variants:
 - no-spinning: worker threads sleep between calls instead of spinning (`session.intra_op.allow_spinning` 0);
 - extended: graph optimisations up to "extended" only (stock: "all", which adds layout transformations);
 - io-binding: the condition bound once per volume, the output written straight into a caller-owned array
-  (what `meddpm.backends.onnxruntime.OnnxRuntimeDenoiser` does).
+  (what `meddpm.backends.onnxruntime_denoiser.OnnxRuntimeDenoiser` does).
 Prints per variant the median call time, its interquartile range and the ratio to stock.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.demo_grid import demo_at_grid
-from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
+from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.model.tensors import INPUTS, PREDICTED_NOISE
 from meddpm.sampling.denoiser import Denoiser, NoisePredictor
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
+from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.imaging.geometry import ModelGrid, condition_channels
 from meddpm.imaging.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
 from meddpm.model.presets import Scheduler

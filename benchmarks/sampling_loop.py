@@ -44,9 +44,9 @@ from benchmarks.demo_grid import DEMO_CHECKPOINT, demo_at_grid
 from benchmarks.limited_link import Link, limited_link
 from benchmarks.onnxruntime_options import StockOnnxRuntimeDenoiser
 from deploy.local_triton import LocalTriton
-from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
-from meddpm.backends.triton.client import TritonDenoiser
-from meddpm.backends.triton.server_loop import TritonServerLoop
+from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
+from meddpm.backends.triton_client.client import TritonDenoiser
+from meddpm.backends.triton_client.server_loop import TritonServerLoop
 from meddpm.imaging.geometry import condition_channels
 from meddpm.imaging.phantoms import make_phantom
 from meddpm.model.checkpoint import load_checkpoint

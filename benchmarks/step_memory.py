@@ -35,7 +35,7 @@ def export_random(preset_name: str, path: Path) -> None:
 
 def one_step(onnx_path: str, preset_name: str, side: int, batch: int) -> None:
     """Run in a fresh process: load the session, run one step, print the peak memory as JSON."""
-    from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
+    from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 
     preset = get_preset(preset_name)
     denoiser = OnnxRuntimeDenoiser(Path(onnx_path))

@@ -1,0 +1,1 @@
+"""The denoisers behind `meddpm.sampling.denoiser.Denoiser`: ONNX Runtime in process, PyTorch, Triton."""

@@ -1,4 +1,4 @@
-"""The server-side loop's wire protocol, between the app's client (meddpm.backends.triton.server_loop) and the
+"""The server-side loop's wire protocol, between the app's client (meddpm.backends.triton_client.server_loop) and the
 `<name>_sampler` model inside Triton (export/triton_sampler_model.py).
 
 One decoupled request per sampling run: input `condition` (meddpm.model.tensors.CONDITION), float32 (L, D, H, W);

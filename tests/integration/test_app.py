@@ -17,6 +17,7 @@ from PIL import Image
 from meddpm.imaging.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
 from meddpm.model.manifest import sha256_of
 from tests.conftest import REPO, edit_weights
+from tests.unit.test_layers import imported_modules
 
 pytestmark = pytest.mark.slow
 PATIENT = "Doe^Jane 1970-01-01"
@@ -280,3 +281,19 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(demo_repos
     assert result.returncode == 2, result.stderr
     assert "with batch 20000 needs about" in result.stderr and "--batch-size" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_in_process_nifti_run_loads_no_dicom_pacs_or_triton_module_of_ours(demo_repository, masks, tmp_path):
+    """DICOM, PACS and Triton code is imported only when a setting asks for it (pydicom, highdicom and tritonclient
+    themselves are loaded by the MONAI Deploy SDK whatever the app does)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "app", "-i", masks / "native.nii.gz", "-o", tmp_path,
+         "-m", demo_repository, "--scheduler", "ddim", "--steps", "2", "--seed", "1"],
+        cwd=REPO, env={**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN"}, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = imported_modules(result.stderr)
+    assert "meddpm.backends.onnxruntime_denoiser" in loaded and "meddpm.imaging.masks" in loaded
+    ours = {"meddpm.dicom.reader", "meddpm.dicom.writer", "meddpm.dicom.pacs", "meddpm.backends.triton_client.client",
+            "meddpm.backends.triton_client.server_loop", "meddpm.backends.triton_client.shared_memory"}  # fmt: skip
+    assert loaded & (ours | {"pynetdicom", "dicomweb_client"}) == set()

@@ -19,10 +19,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from deploy.local_triton import DEFAULT_VENV, LocalTriton
-from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
-from meddpm.backends.triton.client import TritonDenoiser
-from meddpm.backends.triton.options import RetryPolicy
-from meddpm.backends.triton.server_loop import TritonServerLoop
+from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
+from meddpm.backends.triton_client.client import TritonDenoiser
+from meddpm.backends.triton_client.options import RetryPolicy
+from meddpm.backends.triton_client.server_loop import TritonServerLoop
 from meddpm.errors import ConfigurationError, Interrupted, ModelError, ServerError
 from meddpm.imaging.geometry import condition_channels
 from meddpm.imaging.phantoms import make_phantom

@@ -23,9 +23,9 @@ import tritonclient.grpc as grpcclient
 
 from deploy.local_triton import DEFAULT_VENV, LocalTriton, free_port, server_processes
 from export.cli import main as export_main
-from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
-from meddpm.backends.triton.client import TritonDenoiser, is_this_host
-from meddpm.backends.triton.options import RetryPolicy
+from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
+from meddpm.backends.triton_client.client import TritonDenoiser, is_this_host
+from meddpm.backends.triton_client.options import RetryPolicy
 from meddpm.errors import ConfigurationError, ModelError, ServerError
 from meddpm.imaging.geometry import condition_channels
 from meddpm.imaging.phantoms import make_phantom

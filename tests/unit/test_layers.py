@@ -84,3 +84,19 @@ def test_help_loads_no_sdk_dicom_pacs_or_triton_library():
         "tritonclient",
     }
     assert loaded & heavy == set()
+
+
+def test_no_module_of_ours_shadows_an_installed_one():
+    """The MAP's image puts every folder of the packages on PYTHONPATH ahead of their parent (holoscan-cli's
+    Dockerfile template): a module named like an installed package (say `onnxruntime.py`) would replace it."""
+    ours = {REPO / top for top in ("meddpm", "app", "export")}
+    names = {p.stem for top in ours for p in top.rglob("*.py") if p.stem not in ("__init__", "__main__")}
+    names |= {p.name for top in ours for p in top.rglob("*") if (p / "__init__.py").is_file()}
+    script = (
+        "import importlib.util, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    if spec and spec.origin and 'site-packages' in spec.origin: print(name, spec.origin)\n"
+    )
+    result = subprocess.run([sys.executable, "-I", "-c", script, *sorted(names)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr

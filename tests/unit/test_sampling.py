@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from meddpm.backends.onnxruntime import OnnxRuntimeDenoiser
-from meddpm.backends.pytorch import TorchDenoiser
+from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
+from meddpm.backends.pytorch_denoiser import TorchDenoiser
 from meddpm.errors import ConfigurationError
 from meddpm.model.presets import Scheduler, get_preset
 from meddpm.model.unet import ConditionalDenoiser, build_unet

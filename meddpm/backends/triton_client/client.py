@@ -28,8 +28,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from meddpm.backends.triton.options import RetryPolicy, Transport
-from meddpm.backends.triton.shared_memory import CONTROL_TIMEOUT_S, SharedMemoryRegions
+from meddpm.backends.triton_client.options import RetryPolicy, Transport
+from meddpm.backends.triton_client.shared_memory import CONTROL_TIMEOUT_S, SharedMemoryRegions
 from meddpm.errors import ConfigurationError, ModelError, ServerError
 from meddpm.model.manifest import ONNX_SHA256
 from meddpm.model.repository import CPU_SUFFIX, ServedModel

@@ -19,8 +19,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from meddpm.backends.triton.client import TritonDenoiser
-from meddpm.backends.triton.shared_memory import CONTROL_TIMEOUT_S
+from meddpm.backends.triton_client.client import TritonDenoiser
+from meddpm.backends.triton_client.shared_memory import CONTROL_TIMEOUT_S
 from meddpm.errors import Interrupted, MedDDPMError, ModelError, ServerError
 from meddpm.model.manifest import PACKAGE_SHA256
 from meddpm.model.presets import Preset
