@@ -162,9 +162,14 @@ def _status_kib(pid: int, field: str) -> int:
 def process_tree(pid: int) -> list[int]:
     """A process and its descendants (Triton's python backend runs models in stub processes)."""
     found = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            found += process_tree(int(child))
+    with contextlib.suppress(FileNotFoundError):  # the process ended meanwhile
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                children = (task / "children").read_text().split()
+            except FileNotFoundError:  # a thread that ended between the listing and the read
+                continue
+            for child in children:
+                found += process_tree(int(child))
     return found
 
 

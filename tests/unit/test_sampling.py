@@ -17,7 +17,7 @@ from meddpm.model.unet import ConditionalDenoiser, build_unet
 from meddpm.sampling.denoiser import Denoiser
 from meddpm.sampling.loop import clip_x0_in_epsilon, sample, step_alpha_bars
 from meddpm.sampling.request import SamplingRequest
-from meddpm.sampling.schedulers import make_scheduler
+from meddpm.sampling.schedulers import SCHEDULERS, make_scheduler
 from tests.conftest import randomise
 from tests.unit.test_checkpoints import cosine_betas
 
@@ -178,3 +178,10 @@ def test_onnxruntime_and_torch_backends_give_the_same_volume(presets, tmp_path):
     ]
     difference = np.abs(runs[0] - runs[1])  # float32 round-off, amplified where x0 meets the clip at +-1
     assert difference.max() < 1e-3 and difference.mean() < 1e-5, (difference.max(), difference.mean())
+
+
+def test_every_scheduler_name_has_one_registry_entry_and_requests_keep_the_seed_rule():
+    assert list(SCHEDULERS) == list(Scheduler)
+    request = SamplingRequest(Scheduler.DDPM, 10, seed=7, samples=5)
+    assert request.seeds == [7, 8, 9, 10, 11]
+    assert [r.seeds for r in request.batches(2)] == [[7, 8], [9, 10], [11]]
