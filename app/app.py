@@ -30,7 +30,7 @@ from app.report import RunReport
 from app.settings import SamplingSettings, help_text, parse_settings
 from app.synthesis_operator import SamplingPlan, SynthesisOperator
 from meddpm.atomic import check_writable, unwritable_folder
-from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
+from meddpm.backends.in_process import in_process_denoiser
 from meddpm.backends.triton_client.options import LoopMode, RetryPolicy, Transport
 from meddpm.dicom.options import DicomOptions, SegmentMap
 from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError
@@ -179,7 +179,9 @@ def make_denoiser(triton_url: str | None, model: ServedModel, settings: Sampling
     """The Triton server when an address is given (TRITON_SERVER_NETLOC / --triton-server-netloc), else in process."""
     if not triton_url:
         check_fits(model.preset, min(settings.batch_size, settings.samples), model.onnx_path.stat().st_size)
-        return OnnxRuntimeDenoiser(model.onnx_path, settings.threads)
+        return in_process_denoiser(
+            model.onnx_path, settings.backend, settings.precision, model.preset.schedule.timesteps, settings.threads
+        )
     from meddpm.backends.triton_client.client import TritonDenoiser
 
     policy = RetryPolicy(deadline_s=settings.triton_deadline, window_s=settings.triton_retry_window)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
+from meddpm.backends.options import Backend, Precision
 from meddpm.backends.triton_client.options import LoopMode, RetryPolicy, Transport
 from meddpm.choices import parse_choice
 from meddpm.dicom.options import COPYABLE_ATTRIBUTES, CStoreDestination, IdentityPolicy, SegmentMap
@@ -184,7 +185,23 @@ SETTINGS = (
         "MEDDPM_THREADS",
         _threads,
         0,
-        "ONNX Runtime intra-op threads, at most one per core (0: one per core)",
+        "threads of the in-process runtime, at most one per core (0: one per core)",
+    ),
+    Setting(
+        "backend",
+        "MEDDPM_BACKEND",
+        _choice(Backend, "backend"),
+        Backend.AUTO,
+        "runtime of the UNet in process: onnxruntime, openvino, or auto (ONNX Runtime with CUDA on a GPU, "
+        "OpenVINO on a CPU)",
+    ),
+    Setting(
+        "precision",
+        "MEDDPM_PRECISION",
+        _choice(Precision, "precision"),
+        Precision.AUTO,
+        "fp32, bf16, mixed (fp32 at high noise, bf16 below; bf16 and mixed need OpenVINO and a CPU with native "
+        "BF16), or auto (fp32)",
     ),
     Setting(
         "triton_model",
@@ -283,6 +300,8 @@ class SamplingSettings:
     batch_size: int = 1
     rescale: tuple[float, float] | None = None
     threads: int = 0
+    backend: Backend = Backend.AUTO
+    precision: Precision = Precision.AUTO
     triton_model: str | None = None
     triton_transport: Transport = Transport.AUTO
     triton_loop: LoopMode = LoopMode.CLIENT

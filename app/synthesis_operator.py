@@ -14,7 +14,6 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from app.report import RunReport
 from app.settings import SamplingSettings
-from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.imaging.formats import OutputFormat
 from meddpm.imaging.geometry import ModelGrid, check_label_fit, condition_channels
 from meddpm.imaging.masks import LabelMask
@@ -106,14 +105,13 @@ class SynthesisOperator(Operator):
         preset, plan = self._model.preset, self._plan
         started = time.monotonic()
         grid = ModelGrid(mask.labels.shape, mask.affine, preset)
-        in_process = isinstance(self._denoiser, OnnxRuntimeDenoiser)
         samples = plan.request.samples
         check_mask_fits(
             mask.source,
             grid,
             samples,
             min(plan.batch_size, samples),
-            self._model.onnx_path.stat().st_size if in_process else None,
+            self._model.onnx_path.stat().st_size if self._denoiser.in_process else None,
             self._output_formats,
         )
         fit = grid.fit_labels(mask.labels)

@@ -1,9 +1,10 @@
-"""Triton python-backend model: the exported Med-DDPM denoiser run with ONNX Runtime on the CPU.
+"""Triton python-backend model: the exported Med-DDPM denoiser on the CPU, with OpenVINO (FP32) where the server's
+python has it, else ONNX Runtime: the runtime the app's `--backend auto` takes on a CPU.
 
 `python -m export` copies this file to `<name>_cpu/1/model.py`, beside `model.onnx`. It serves the same
 tensors under the same names as the ONNX Runtime backend entry, for Triton servers without that backend.
-Requests that Triton's dynamic batcher groups are run as one ONNX Runtime call. It refuses to load a graph
-whose SHA-256 is not the one its config records (`onnx_sha256`, written by the export).
+Requests that Triton's dynamic batcher groups are run as one call (OpenVINO compiles the graph once per batch size).
+It refuses to load a graph whose SHA-256 is not the one its config records (`onnx_sha256`, written by the export).
 """
 
 import hashlib
@@ -11,8 +12,12 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+try:
+    import openvino as ov
+except ImportError:  # a server python without OpenVINO: ONNX Runtime
+    ov = None
 
 
 def check_sha256(path, expected):
@@ -38,7 +43,16 @@ class TritonPythonModel:
         check_sha256(path, config["parameters"].get("onnx_sha256", {}).get("string_value"))
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_name = config["output"][0]["name"]
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        if ov is not None:
+            self.core = ov.Core()
+            self.graph = self.core.read_model(path)
+            self.compiled = {}  # batch size -> the graph compiled for it
+            pb_utils.Logger.log_info(f"{path}: OpenVINO {ov.get_version()}, FP32")
+        else:
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            pb_utils.Logger.log_info(f"{path}: ONNX Runtime {ort.__version__}")
 
     def execute(self, requests):
         inputs = [
@@ -46,10 +60,24 @@ class TritonPythonModel:
         ]
         sizes = [len(tensors[0]) for tensors in inputs]
         feed = {name: np.concatenate([tensors[i] for tensors in inputs]) for i, name in enumerate(self.input_names)}
-        output = self.session.run([self.output_name], feed)[0]
+        output = self.run(feed)
         responses = []
         for piece in np.split(output, np.cumsum(sizes)[:-1]):
             responses.append(
                 pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, np.ascontiguousarray(piece))])
             )
         return responses
+
+    def run(self, feed):
+        if ov is None:
+            return self.session.run([self.output_name], feed)[0]
+        batch = len(feed[self.input_names[0]])
+        if batch not in self.compiled:
+            graph = self.graph.clone()
+            graph.reshape({name: list(array.shape) for name, array in feed.items()})
+            self.compiled[batch] = self.core.compile_model(
+                graph, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+            )
+        request = self.compiled[batch].create_infer_request()
+        request.infer({name: np.ascontiguousarray(array) for name, array in feed.items()})
+        return request.get_tensor(self.output_name).data.copy()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv-triton: a local Triton Inference Server (the real `tritonserver` binary shipped in the
-# nvidia-pytriton wheel) with the python backend, ONNX Runtime, torch and diffusers, for development and the
-# integration tests.
+# nvidia-pytriton wheel) with the python backend, OpenVINO and ONNX Runtime (the `_cpu` model), torch and
+# diffusers (the server-side loop), for development and the integration tests.
 # Its own environment because nvidia-pytriton pins numpy < 2 and the application needs numpy >= 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ VENV=.venv-triton
 if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv $VENV
 fi
-$VENV/bin/pip install --quiet nvidia-pytriton==0.7.0 onnxruntime==1.31.1 numpy==1.26.4
+$VENV/bin/pip install --quiet nvidia-pytriton==0.7.0 onnxruntime==1.31.1 openvino==2026.4.1 numpy==1.26.4
 # The server-side sampling loop (<name>_sampler) runs meddpm.sampling.loop: torch first, pinned to the local CPU build
 # (any other pin pulls the CUDA build), then diffusers at the app's version; the meddpm package itself travels
 # in the model repository (python -m export copies it).

@@ -106,6 +106,14 @@ def phantom():
     return labels, affine, source_study, mr, segmentation(mr, labels)
 
 
+def served_runtime(model):
+    """The runtime the local Triton's `_cpu` model runs (deploy/local_triton.py), in this process: OpenVINO, FP32."""
+    from meddpm.backends.openvino_denoiser import OpenVinoDenoiser
+    from meddpm.backends.options import Precision
+
+    return OpenVinoDenoiser(model.onnx_path, Precision.FP32, model.preset.schedule.timesteps)
+
+
 def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
     """Give every parameter random values (a fresh Med-DDPM model outputs exactly zero)."""
     generator = torch.Generator().manual_seed(seed)

@@ -24,6 +24,7 @@ class Denoiser(abc.ABC):
     """Predicts epsilon for (noisy_image, timestep) under a bound condition."""
 
     name: str = "denoiser"
+    in_process: bool = True  # the UNet runs in this process (its memory counts in this process's estimate)
 
     @abc.abstractmethod
     def conditioned(self, condition: np.ndarray) -> AbstractContextManager[NoisePredictor]:

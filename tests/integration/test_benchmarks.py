@@ -112,3 +112,13 @@ def test_mask_memory_benchmark_measures_a_run_beside_its_estimate(demo_repositor
     row = next(line for line in out.splitlines() if line.startswith("| 32³ | 12 |"))
     measured, estimate = (float(cell) for cell in row.split("|")[5:7])
     assert row.startswith("| 32³ | 12 | 64x64x64 | 2 |") and 0 < measured <= estimate
+
+
+def test_cpu_backends_benchmark_compares_every_runtime():
+    out = run_module("benchmarks.cpu_backends", "--cases", "demo:16", "--calls", 1)
+    rows = [line for line in out.splitlines() if line.startswith("| demo 16^3 |")]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "onnxruntime fp32", "openvino fp32", "openvino bf16", "torch bf16 autocast"
+    ]  # fmt: skip
+    openvino_fp32 = rows[1].split(" | ")
+    assert float(openvino_fp32[5]) < 1e-4  # the same graph computed alike

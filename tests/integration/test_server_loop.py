@@ -19,7 +19,6 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from deploy.local_triton import DEFAULT_VENV, LocalTriton
-from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.backends.triton_client.client import TritonDenoiser
 from meddpm.backends.triton_client.options import RetryPolicy
 from meddpm.backends.triton_client.server_loop import TritonServerLoop
@@ -30,7 +29,7 @@ from meddpm.model.repository import ServedModel, find_model
 from meddpm.sampling import core
 from meddpm.sampling.loop import sample
 from meddpm.sampling.request import SamplingRequest
-from tests.conftest import REPO, edit_weights
+from tests.conftest import REPO, edit_weights, served_runtime
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -95,7 +94,7 @@ def test_server_loop_equals_client_loop_and_streams_progress(triton, model, sche
         scheduler,
         progress=lambda done, total, elapsed: steps_seen.append((done, total)),
     )
-    local = run(functools.partial(sample, OnnxRuntimeDenoiser(model.onnx_path)), model, condition, seeds, scheduler)
+    local = run(functools.partial(sample, served_runtime(model)), model, condition, seeds, scheduler)
     np.testing.assert_allclose(served, local, atol=1e-5)
     assert steps_seen == [(i, STEPS) for i in range(1, STEPS + 1)]
 
@@ -289,7 +288,7 @@ def test_a_unet_lost_mid_loop_is_a_clear_error_and_the_sampler_serves_on(fault_t
     assert time.monotonic() - started < 180  # failed at once, not after the 200 steps (minutes on a busy machine)
     client.load_model(UNET)
     condition = condition_of(model, 6)
-    local = run(functools.partial(sample, OnnxRuntimeDenoiser(model.onnx_path)), model, condition, [2])
+    local = run(functools.partial(sample, served_runtime(model)), model, condition, [2])
     np.testing.assert_allclose(run(loop.sample, model, condition, [2]), local, atol=1e-5)
 
 

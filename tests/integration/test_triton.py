@@ -23,7 +23,6 @@ import tritonclient.grpc as grpcclient
 
 from deploy.local_triton import DEFAULT_VENV, LocalTriton, free_port, server_processes
 from export.cli import main as export_main
-from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.backends.triton_client.client import TritonDenoiser, is_this_host
 from meddpm.backends.triton_client.options import RetryPolicy
 from meddpm.errors import ConfigurationError, ModelError, ServerError
@@ -35,7 +34,7 @@ from meddpm.model.repository import ServedModel, find_model
 from meddpm.model.unet import build_unet
 from meddpm.sampling.loop import sample
 from meddpm.sampling.request import SamplingRequest
-from tests.conftest import REPO, randomise
+from tests.conftest import REPO, randomise, served_runtime
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -103,7 +102,7 @@ def synthesise(denoiser, model, condition, seeds, progress=None) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(model):
     """In-process ONNX Runtime results for the conditions and seeds the tests use."""
-    denoiser = OnnxRuntimeDenoiser(model.onnx_path)
+    denoiser = served_runtime(model)
     return lambda condition, seeds: synthesise(denoiser, model, condition, seeds)
 
 

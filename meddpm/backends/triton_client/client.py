@@ -46,6 +46,7 @@ class TritonDenoiser(Denoiser):
     """Predicts noise with a model served by Triton; checked against the local manifest before any step."""
 
     name = "triton"
+    in_process = False
 
     def __init__(
         self,
