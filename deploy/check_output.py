@@ -37,7 +37,7 @@ def problems(
     folder: Path,
     reference: Path | None = None,
     figures: dict | None = None,
-    backend: str = "onnxruntime",
+    backend: str = "openvino (fp32)",
 ) -> list[str]:
     """What is wrong with one mask's result folder (empty when it is right); `figures` gets what was measured."""
     figures = {} if figures is None else figures
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("mask", type=Path)
     verify.add_argument("folder", type=Path)
     verify.add_argument("--reference", type=Path)
-    verify.add_argument("--backend", default="onnxruntime", help="record.json's backend, e.g. 'triton NAME (shm)'")
+    verify.add_argument("--backend", default="openvino (fp32)", help="record.json's backend, e.g. 'triton NAME (shm)'")
     args = parser.parse_args(argv)
     if args.command == "mask":
         print(write_mask(args.path))

@@ -107,7 +107,7 @@ def test_each_mask_is_synthesised_on_its_own_grid_and_a_bad_one_is_reported(demo
         assert record["model"]["preset"]["name"] == "demo" and record["model"]["verification_passed"]
         graph = demo_repository / "meddpm_demo" / "1" / "model.onnx"  # the hash of the file that ran
         assert record["model"]["sha256_verified"] == {str(graph): sha256_of(graph)}
-        assert record["backend"] == "onnxruntime" and record["timings_s"]["per_step"] > 0
+        assert record["backend"] == "openvino (fp32)" and record["timings_s"]["per_step"] > 0
         assert record["grid"]["exact"] == (name == "native")
         assert Image.open(folder / "preview.png").size[1] == 2 * 192
 
@@ -293,7 +293,7 @@ def test_an_in_process_nifti_run_loads_no_dicom_pacs_or_triton_module_of_ours(de
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = imported_modules(result.stderr)
-    assert "meddpm.backends.onnxruntime_denoiser" in loaded and "meddpm.imaging.masks" in loaded
+    assert "meddpm.backends.openvino_denoiser" in loaded and "meddpm.imaging.masks" in loaded
     ours = {"meddpm.dicom.reader", "meddpm.dicom.writer", "meddpm.dicom.pacs", "meddpm.backends.triton_client.client",
             "meddpm.backends.triton_client.server_loop", "meddpm.backends.triton_client.shared_memory"}  # fmt: skip
     assert loaded & (ours | {"pynetdicom", "dicomweb_client"}) == set()

@@ -261,7 +261,9 @@ def result_folder(tmp_path):
     folder.mkdir(parents=True)
     nib.save(nib.Nifti1Image(image, mask.affine), folder / "sample_0.nii.gz")
     (folder / "preview.png").write_bytes(b"")
-    (folder / "record.json").write_text(json.dumps({"backend": "onnxruntime", "model": {"verification_passed": True}}))
+    (folder / "record.json").write_text(
+        json.dumps({"backend": "openvino (fp32)", "model": {"verification_passed": True}})
+    )
     return mask_path, folder, image
 
 
