@@ -77,7 +77,7 @@ class OpenVinoDenoiser(Denoiser):
         requests = {}
         for precision in precisions:
             request = self._compiled(condition.shape, precision).create_infer_request()
-            request.set_tensor(CONDITION, ov.Tensor(condition, shared_memory=True))
+            request.set_tensor(CONDITION, ov.Tensor(condition))  # a copy, once a volume (the array may be read-only)
             requests[precision] = request
 
         def predict_noise(noisy_image: np.ndarray, timestep: np.ndarray) -> np.ndarray:
