@@ -33,13 +33,15 @@ def test_sampling_loop_benchmark_runs_every_loop(tmp_path):
         "reference",
         "onnxruntime-stock",
         "onnxruntime",
+        "openvino",
         "triton-network",
         "triton-shm",
         "triton-server-loop",
     }
     assert figures["onnxruntime-stock"]["max_abs_diff_vs_onnxruntime"] == 0.0  # tuning changed no number
     for name in ("triton-network", "triton-shm", "triton-server-loop"):  # one loop, one image, wherever it runs
-        assert figures[name]["max_abs_diff_vs_onnxruntime"] < 1e-5, name
+        assert figures[name]["max_abs_diff_vs_openvino"] < 1e-5, name  # the runtime the local Triton serves with
+    assert figures["openvino"]["max_abs_diff_vs_onnxruntime"] < 1e-2  # another runtime: its own round-off
     assert figures["triton-shm"]["bytes_per_step"] < figures["triton-network"]["bytes_per_step"]
     assert figures["triton-server-loop"]["bytes_per_volume"] < figures["triton-network"]["bytes_per_volume"]
     assert "| 16³ | triton-shm |" in out
