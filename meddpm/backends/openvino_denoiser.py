@@ -61,7 +61,7 @@ class OpenVinoDenoiser(Denoiser):
             batch, _, *grid = condition_shape
             channels = self.graph.input(NOISY_IMAGE).get_partial_shape()[1].get_length()
             graph.reshape({NOISY_IMAGE: [batch, channels, *grid], CONDITION: list(condition_shape), TIMESTEP: [batch]})
-            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[precision]}
+            config: dict[str, str | int] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[precision]}
             if self.threads:
                 config["INFERENCE_NUM_THREADS"] = self.threads
             self.compiled[key] = self.core.compile_model(graph, "CPU", config)
