@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 
 def in_process_denoiser(onnx_path: Path, backend: Backend, precision: Precision, timesteps: int,
                         threads: int = 0) -> Denoiser:  # fmt: skip
-    """ONNX Runtime with CUDA where a GPU is present; on a CPU, OpenVINO (1.4-1.5x faster than ONNX Runtime in FP32
-    on the demo model, docs/performance.md) where installed. `auto` precision is FP32: BF16 and mixed are chosen
+    """ONNX Runtime with CUDA where a GPU is present; on a CPU, OpenVINO (1.34-1.47x faster than ONNX Runtime in FP32
+    on an AVX2 CPU, docs/performance.md) where installed. `auto` precision is FP32: BF16 and mixed are chosen
     only by asking for them, until their quality gate has passed on hardware with native BF16."""
     from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser, cuda_present
 
