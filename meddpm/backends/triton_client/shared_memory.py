@@ -88,23 +88,24 @@ class SharedMemoryRegions:
 
 
 def unregister(client: grpcclient.InferenceServerClient, region: str) -> None:
-    """Unregister a region, waiting for a busy server (up to CLEANUP_WINDOW_S); a server that is gone has forgotten
-    its registrations, and is not waited for."""
-    pauses = Backoff(first_s=0.0, window_s=CLEANUP_WINDOW_S).pauses()  # each try waits CONTROL_TIMEOUT_S itself
+    """Unregister a region, waiting (up to CLEANUP_WINDOW_S) for a server that is busy or still holds the region for
+    a request it is finishing; a server that is gone has forgotten its registrations, and is not waited for."""
+    pauses = Backoff(first_s=0.1, max_s=1.0, window_s=CLEANUP_WINDOW_S).pauses()
     while True:
         try:
             client.unregister_system_shared_memory(region, client_timeout=CONTROL_TIMEOUT_S)
-            return
+            if region not in client.get_system_shared_memory_status(client_timeout=CONTROL_TIMEOUT_S).regions:
+                return
         except InferenceServerException as error:
-            if error.status() != "StatusCode.DEADLINE_EXCEEDED":
+            if error.status() == "StatusCode.UNAVAILABLE":  # the server is gone
                 return
-            pause = next(pauses, None)
-            if pause is None:
-                log.warning(
-                    "Triton: shared memory region %s may still be registered (no answer for %.0f s); "
-                    "unregister it or restart the server",
-                    region,
-                    CLEANUP_WINDOW_S,
-                )
-                return
-            time.sleep(pause)
+        pause = next(pauses, None)
+        if pause is None:
+            log.warning(
+                "Triton: shared memory region %s may still be registered (not unregistered within %.0f s); "
+                "unregister it or restart the server",
+                region,
+                CLEANUP_WINDOW_S,
+            )
+            return
+        time.sleep(pause)
