@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Package the app as a MONAI Application Package with `monai-deploy package` (holoscan-cli 3.x, in its own
-# environment build/venv-map; the SDK's own holoscan-cli 4.x/5.x has no `monai-deploy`). Needs Docker with buildx.
+# Package the app as a MONAI Application Package with the stock packager: `monai-deploy package` from
+# holoscan-cli 4.2.0 (the last release with it; 4.3 and 5.x, which the SDK pulls, dropped it), installed in its own
+# environment, build/venv-map. Needs Docker with buildx and registry access (deploy/README.md, "The MAP");
+# scripts/map_check.sh builds the same packager output here with podman instead.
 #
 # The packager runs `python3 /opt/holoscan/app` and copies the contents of each --add folder into
 # /opt/holoscan/lib, putting every folder under it on PYTHONPATH ahead of lib itself; lib/app/app.py would then
@@ -8,11 +10,19 @@
 # puts lib first, and the packages (app, meddpm, export) go under lib. The exported repository is embedded with
 # --models.
 # Usage: scripts/map_package.sh [MODEL_REPOSITORY] [more `monai-deploy package` arguments]
-# MAP_STAGE_ONLY=1 stops after staging build/map (to look at it, or to run it as the MAP would).
+# MAP_STAGE_ONLY=1 stops after making build/venv-map and staging build/map (scripts/map_check.sh uses both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODELS=${1:-model_repository}
 shift || true
+if ! build/venv-map/bin/python -c 'import importlib.metadata as m; assert m.version("holoscan-cli") == "4.2.0"' 2>/dev/null; then
+    rm -rf build/venv-map
+    python3 -m venv build/venv-map
+    # holoscan-cli reads the Holoscan and SDK versions from packages installed beside it (metadata only;
+    # wheel-axle-runtime finishes holoscan's installation).
+    build/venv-map/bin/pip install --quiet holoscan-cli==4.2.0 wheel-axle-runtime==0.0.13
+    build/venv-map/bin/pip install --quiet --no-deps holoscan-cu13==4.6.0 monai-deploy-app-sdk==4.0.0
+fi
 STAGE=build/map
 rm -rf "$STAGE"
 mkdir -p "$STAGE/app" "$STAGE/lib"
@@ -34,12 +44,6 @@ done
 find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
 if [[ ${MAP_STAGE_ONLY:-0} == 1 ]]; then
     exit 0
-fi
-if [[ ! -x build/venv-map/bin/monai-deploy ]]; then
-    python3 -m venv build/venv-map
-    # holoscan-cli reads the Holoscan and SDK versions from packages installed beside it (metadata only).
-    build/venv-map/bin/pip install --quiet holoscan-cli==3.11.0
-    build/venv-map/bin/pip install --quiet --no-deps holoscan-cu13==4.6.0 monai-deploy-app-sdk==4.0.0
 fi
 build/venv-map/bin/monai-deploy package "$STAGE/app" -c app/app.yaml -t meddpm-deploy-map:0.1.0 \
     --platform x86_64 --add "$STAGE/lib" --models "$MODELS" "$@"

@@ -1,11 +1,10 @@
 """Deployment files stay valid and agree with each other: Dockerfile (hadolint), compose (the compose-spec
 schema shipped by check-jsonschema, plus what a schema cannot see), Kubernetes (kustomize render validated
-against the Kubernetes schemas), the MAP's app.yaml and staged layout, and the container check's output verifier."""
+against the Kubernetes schemas), and the container check's output verifier (the MAP: test_map.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -207,44 +206,6 @@ def test_deployment_files_named_in_the_readmes_exist():
         assert named, readme
         for path in named:
             assert (REPO / path).exists(), f"{readme.name} names {path}, which does not exist"
-
-
-# --- the MAP's app.yaml ----------------------------------------------------------------------------------------
-
-
-def test_map_layout_runs_the_app(tmp_path):
-    """The staged MAP (scripts/map_package.sh) run as the packager's image runs it: `python3 APP_DIR`, with every
-    folder under lib on PYTHONPATH ahead of lib itself (holoscan-cli 3.11's Dockerfile template)."""
-    staged = subprocess.run(
-        [REPO / "scripts" / "map_package.sh"],
-        cwd=REPO,
-        env={**os.environ, "MAP_STAGE_ONLY": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert staged.returncode == 0, staged.stderr
-    lib = REPO / "build" / "map" / "lib"
-    assert sorted(p.name for p in lib.iterdir()) == ["app", "export", "meddpm"]
-    path = [str(p) for p in sorted(lib.rglob("*")) if p.is_dir()] + [str(lib)]
-    environment = {**os.environ, "PYTHONPATH": ":".join(path)}
-    result = subprocess.run(
-        [sys.executable, REPO / "build" / "map" / "app", "--help"],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0 and "usage: python -m app" in result.stdout, result.stderr[-2000:]
-
-
-def test_app_yaml_resources():
-    text = (REPO / "app" / "app.yaml").read_text()
-    config = yaml.safe_load(text)
-    assert set(config["resources"]) == {"cpu", "gpu", "memory"}
-    assert re.match(r"^\d+(\.\d+)?[MG]i$", config["resources"]["memory"])
-    assert "/usr/bin/time -v" in text  # the comment says how the figures were measured
 
 
 # --- the container check's verifier ----------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Build the MONAI Application Package here from the stock packager's own build context and run it as MONAI Deploy
+# runs a MAP; check it against the MAP specification and its volume against the same run outside the container.
+#
+# 1. The packager (holoscan-cli 4.2.0, `monai-deploy package`, the same arguments as scripts/map_package.sh)
+#    renders the build context: manifests, Dockerfile, tools script, app, models. deploy/map/render_context.py
+#    captures it where the packager would call `docker buildx build`, and makes the few edits the rendered
+#    Dockerfile needs here (listed in the script and deploy/README.md, "The MAP"; the diff is printed).
+# 2. podman builds it on the local stand-in base image (scripts/standin_base.sh) with the packager's build
+#    arguments; pip in the build steps reads deploy/map/pip.conf, mounted with the wheelhouse (scripts/wheelhouse.sh):
+#    no registry is used, as on an air-gapped site.
+# 3. tests/integration/test_map.py (marker container) checks the image's manifests, labels, paths and its
+#    `show`/`extract` tools against the specification.
+# 4. The MAP synthesises a phantom head with the demo model (DDPM 250 steps, seed 1) as the Workflow Manager of
+#    MONAI Deploy Express runs a docker task (entrypoint /bin/bash -c, command `python3 -u /opt/holoscan/app/`,
+#    HOLOSCAN_* paths set, input and output mounted), in process; then through its own entry point (the tools
+#    script runs app.json's command) with TRITON_SERVER_NETLOC pointing at a Triton server on this host. Both
+#    volumes must equal the run outside the container.
+# Needs root (podman), .venv (scripts/setup.sh), .venv-triton (scripts/setup_triton.sh); installs Debian's
+# podman, runc and debootstrap when missing. `--context-only` stops after step 1 (no root, no podman: the CI
+# smoke). Results in build/map-check/, logs in build/map-*.log; exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONTEXT=${MAP_CONTEXT:-build/map-context}
+MODELS=${MAP_MODELS:-build/map-models}
+WORK=$PWD/build/map-check
+SECONDS=0
+step() { echo "[map_check ${SECONDS}s] $*"; }
+
+if [[ ! -d $MODELS ]]; then
+    step "export the demo model to $MODELS"
+    .venv/bin/python -m export --checkpoint models/demo/model_demo.pt --preset demo --repository "$MODELS" >/dev/null
+fi
+step "stage the app; the packager's environment build/venv-map"
+MAP_STAGE_ONLY=1 scripts/map_package.sh
+step "render the build context with the packager (holoscan-cli 4.2.0) into $CONTEXT"
+build/venv-map/bin/python deploy/map/render_context.py "$CONTEXT" -- package build/map/app -c app/app.yaml \
+    -t meddpm-deploy-map:0.1.0 --platform x86_64 --add build/map/lib --models "$MODELS" \
+    --source deploy/map/artifacts.json >build/map-render.log 2>&1 || { cat build/map-render.log; exit 1; }
+echo "the edits to the packager's Dockerfile for this machine ($CONTEXT/Dockerfile.diff):"
+cat "$CONTEXT/Dockerfile.diff"
+if [[ ${1:-} == --context-only ]]; then
+    exit 0
+fi
+
+scripts/setup_containers.sh
+export CONTAINERS_CONF=$PWD/build/podman/containers.conf
+step "stand-in base image"
+scripts/standin_base.sh
+step "wheelhouse"
+scripts/wheelhouse.sh
+IMAGE=localhost/$(jq -r '.tags[0]' "$CONTEXT/build.json")
+mapfile -t BUILD_ARGS < <(jq -r '.build_args | to_entries[] | "--build-arg=\(.key)=\(.value)"' "$CONTEXT/build.json")
+step "podman build $IMAGE (log: build/map-build.log)"
+build_start=$SECONDS
+podman build --network=host --pull=never -f "$CONTEXT/$(jq -r .file "$CONTEXT/build.json")" "${BUILD_ARGS[@]}" \
+    -v "$PWD/build/wheelhouse:/wheelhouse:ro" -v "$PWD/deploy/map/pip.conf:/etc/pip.conf:ro" \
+    -t "$IMAGE" "$CONTEXT" >build/map-build.log 2>&1 || { tail -40 build/map-build.log; exit 1; }
+echo "built in $((SECONDS - build_start)) s; $(podman image inspect "$IMAGE" --format '{{.Size}}') bytes"
+
+step "the image against the MAP specification"
+MEDDPM_MAP_IMAGE=$IMAGE .venv/bin/python -m pytest -q -m container -p no:cacheprovider tests/integration/test_map.py
+
+rm -rf "$WORK"
+mkdir -p "$WORK/output-workflow-manager" "$WORK/output-triton"
+chown 1000:1000 "$WORK"/output-*  # the packager's user, holoscan (UID and GID in build.json)
+.venv/bin/python -m deploy.check_output mask "$WORK/input/head.nii.gz" >/dev/null
+step "the same run outside the container"
+.venv/bin/python -m app -i "$WORK/input" -o "$WORK/reference" -m "$MODELS" --seed 1 -l WARN >/dev/null
+
+step "run as the Workflow Manager runs a docker task: in process, no network, read-only root"
+run_start=$SECONDS
+podman run --rm --network=none --read-only --tmpfs /tmp --entrypoint /bin/bash \
+    -e HOLOSCAN_INPUT_PATH=/var/monai/input/ -e HOLOSCAN_OUTPUT_PATH=/var/monai/output/ \
+    -e HOLOSCAN_MODEL_PATH=/opt/holoscan/models/ -e MEDDPM_SEED=1 \
+    -v "$WORK/input:/var/monai/input:ro" -v "$WORK/output-workflow-manager:/var/monai/output" \
+    "$IMAGE" -c "python3 -u /opt/holoscan/app/"
+echo "ran in $((SECONDS - run_start)) s"
+.venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-workflow-manager/head" \
+    --reference "$WORK/reference/head"
+
+step "run through the MAP's entry point with the UNet on a Triton server on this host (shared memory)"
+scripts/setup_triton.sh
+.venv/bin/python - "$WORK" "$MODELS" "$IMAGE" <<'PY'
+import subprocess
+import sys
+from pathlib import Path
+
+from deploy.local_triton import LocalTriton
+
+work, models, image = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+with LocalTriton(models, log_path=work / "tritonserver.log") as server:
+    subprocess.run(["podman", "run", "--rm", "--network=host", "--ipc=host", "--read-only", "--tmpfs", "/tmp",
+                    "-e", f"TRITON_SERVER_NETLOC={server.url}", "-e", "MEDDPM_TRITON_TRANSPORT=shm",
+                    "-v", f"{work}/input:/var/holoscan/input:ro", "-v", f"{work}/output-triton:/var/holoscan/output",
+                    image, "--seed", "1"], check=True)
+PY
+.venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-triton/head" \
+    --reference "$WORK/reference/head" --backend "triton meddpm_demo_cpu (shm)"
+step "MAP $IMAGE: built by the packager's context, satisfies the specification, and wrote the same volume as" \
+    "outside the container as a Workflow Manager docker task (in process) and through its entry point (Triton)"
