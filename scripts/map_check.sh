@@ -7,13 +7,13 @@
 #    captures it where the packager would call `docker buildx build`, and makes the few edits the rendered
 #    Dockerfile needs here (listed in the script and deploy/README.md, "The MAP"; the diff is printed).
 # 2. podman builds it on the local stand-in base image (scripts/standin_base.sh) with the packager's build
-#    arguments; pip in the build steps reads deploy/map/pip.conf, mounted with the wheelhouse (scripts/wheelhouse.sh):
-#    no registry is used, as on an air-gapped site.
+#    arguments, without its layer cache; pip in the build steps reads deploy/map/pip.conf, mounted with the
+#    wheelhouse (scripts/wheelhouse.sh): no registry is used, as on an air-gapped site.
 # 3. tests/integration/test_map.py (marker container) checks the image's manifests, labels, paths and its
 #    `show`/`extract` tools against the specification.
 # 4. The MAP synthesises a phantom head with the demo model (DDPM 250 steps, seed 1) as the Workflow Manager of
-#    MONAI Deploy Express runs a docker task (entrypoint /bin/bash -c, command `python3 -u /opt/holoscan/app/`,
-#    HOLOSCAN_* paths set, input and output mounted), in process; then through its own entry point (the tools
+#    MONAI Deploy Express runs our workflow's docker task (its image, entrypoint, command and HOLOSCAN_* paths,
+#    input and output mounted there; not its PACS settings), in process; then through its own entry point (the tools
 #    script runs app.json's command) with TRITON_SERVER_NETLOC pointing at a Triton server on this host. Both
 #    volumes must equal the run outside the container.
 # Needs root (podman), .venv (scripts/setup.sh), .venv-triton (scripts/setup_triton.sh); installs Debian's
@@ -48,12 +48,13 @@ export CONTAINERS_CONF=$PWD/build/podman/containers.conf
 step "stand-in base image"
 scripts/standin_base.sh
 step "wheelhouse"
-scripts/wheelhouse.sh
+scripts/wheelhouse.sh pip==25.3  # the MAP's requirements hold pip<26: scripts/map_package.sh says why
 IMAGE=localhost/$(jq -r '.tags[0]' "$CONTEXT/build.json")
 mapfile -t BUILD_ARGS < <(jq -r '.build_args | to_entries[] | "--build-arg=\(.key)=\(.value)"' "$CONTEXT/build.json")
 step "podman build $IMAGE (log: build/map-build.log)"
 build_start=$SECONDS
-podman build --network=host --pull=never -f "$CONTEXT/$(jq -r .file "$CONTEXT/build.json")" "${BUILD_ARGS[@]}" \
+podman build --no-cache --network=host --pull=never "${BUILD_ARGS[@]}" \
+    -f "$CONTEXT/$(jq -r .file "$CONTEXT/build.json")" \
     -v "$PWD/build/wheelhouse:/wheelhouse:ro" -v "$PWD/deploy/map/pip.conf:/etc/pip.conf:ro" \
     -t "$IMAGE" "$CONTEXT" >build/map-build.log 2>&1 || { tail -40 build/map-build.log; exit 1; }
 echo "built in $((SECONDS - build_start)) s; $(podman image inspect "$IMAGE" --format '{{.Size}}') bytes"
@@ -68,13 +69,19 @@ chown 1000:1000 "$WORK"/output-*  # the packager's user, holoscan (UID and GID i
 step "the same run outside the container"
 .venv/bin/python -m app -i "$WORK/input" -o "$WORK/reference" -m "$MODELS" --seed 1 -l WARN >/dev/null
 
-step "run as the Workflow Manager runs a docker task: in process, no network, read-only root"
+step "run as the Workflow Manager runs the docker task of deploy/monai-deploy-express/meddpm-workflow.json: in process"
+task() { jq -r ".tasks[] | select(.type == \"docker\") | .args | $1" deploy/monai-deploy-express/meddpm-workflow.json; }
+if [[ localhost/$(task .container_image) != "$IMAGE" ]]; then
+    echo "the workflow runs $(task .container_image), not this MAP ($IMAGE)" >&2
+    exit 1
+fi
 run_start=$SECONDS
-podman run --rm --network=none --read-only --tmpfs /tmp --entrypoint /bin/bash \
-    -e HOLOSCAN_INPUT_PATH=/var/monai/input/ -e HOLOSCAN_OUTPUT_PATH=/var/monai/output/ \
-    -e HOLOSCAN_MODEL_PATH=/opt/holoscan/models/ -e MEDDPM_SEED=1 \
-    -v "$WORK/input:/var/monai/input:ro" -v "$WORK/output-workflow-manager:/var/monai/output" \
-    "$IMAGE" -c "python3 -u /opt/holoscan/app/"
+podman run --rm --network=none --entrypoint "$(task '.entrypoint | split(",") | tojson')" \
+    -e HOLOSCAN_INPUT_PATH="$(task .env_HOLOSCAN_INPUT_PATH)" \
+    -e HOLOSCAN_OUTPUT_PATH="$(task .env_HOLOSCAN_OUTPUT_PATH)" \
+    -e HOLOSCAN_MODEL_PATH="$(task .env_HOLOSCAN_MODEL_PATH)" -e MEDDPM_SEED=1 \
+    -v "$WORK/input:$(task .env_HOLOSCAN_INPUT_PATH):ro" \
+    -v "$WORK/output-workflow-manager:$(task .env_HOLOSCAN_OUTPUT_PATH)" "$IMAGE" "$(task .command)"
 echo "ran in $((SECONDS - run_start)) s"
 .venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-workflow-manager/head" \
     --reference "$WORK/reference/head"
@@ -90,7 +97,7 @@ from deploy.local_triton import LocalTriton
 
 work, models, image = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 with LocalTriton(models, log_path=work / "tritonserver.log") as server:
-    subprocess.run(["podman", "run", "--rm", "--network=host", "--ipc=host", "--read-only", "--tmpfs", "/tmp",
+    subprocess.run(["podman", "run", "--rm", "--network=host", "--ipc=host",
                     "-e", f"TRITON_SERVER_NETLOC={server.url}", "-e", "MEDDPM_TRITON_TRANSPORT=shm",
                     "-v", f"{work}/input:/var/holoscan/input:ro", "-v", f"{work}/output-triton:/var/holoscan/output",
                     image, "--seed", "1"], check=True)

@@ -15,12 +15,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODELS=${1:-model_repository}
 shift || true
-if ! build/venv-map/bin/python -c 'import importlib.metadata as m; assert m.version("holoscan-cli") == "4.2.0"' 2>/dev/null; then
+PACKAGER=4.2.0
+if ! build/venv-map/bin/python -c "import importlib.metadata as m; assert m.version('holoscan-cli') == '$PACKAGER'" \
+    2>/dev/null; then
     rm -rf build/venv-map
     python3 -m venv build/venv-map
     # holoscan-cli reads the Holoscan and SDK versions from packages installed beside it (metadata only;
     # wheel-axle-runtime finishes holoscan's installation).
-    build/venv-map/bin/pip install --quiet holoscan-cli==4.2.0 wheel-axle-runtime==0.0.13
+    build/venv-map/bin/pip install --quiet holoscan-cli==$PACKAGER wheel-axle-runtime==0.0.13
     build/venv-map/bin/pip install --quiet --no-deps holoscan-cu13==4.6.0 monai-deploy-app-sdk==4.0.0
 fi
 STAGE=build/map
@@ -36,8 +38,15 @@ from app.app import main  # noqa: E402
 
 raise SystemExit(main())
 PY
-python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-    >"$STAGE/app/requirements.txt"
+# The packager's Dockerfile upgrades pip in the user's site-packages, then installs these requirements, which bring
+# holoscan; its next pip command is the first Python start after that, where holoscan's wheel-axle .pth finishes the
+# install and imports the system pip (Ubuntu's 24.0, Debian's 23.0.1) ahead of the user's. pip 26's `pip` script
+# imports pip._internal.cli.main:cli, which those lack: `ImportError: cannot import name 'cli'` at
+# `pip install monai-deploy-app-sdk` (seen here). pip 25's script imports :main, which they have.
+{
+    python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))'
+    echo "pip<26"
+} >"$STAGE/app/requirements.txt"
 for package in app meddpm export; do
     cp -r "$package" "$STAGE/lib/$package"
 done

@@ -114,6 +114,17 @@ def test_local_edits_leave_the_map_as_the_packager_wrote_it(rendered_context):
     assert dockerfile_labels("\n".join(local)) == dockerfile_labels("\n".join(packager))
 
 
+def test_the_express_workflow_runs_this_map(rendered_context):
+    """The Workflow Manager's docker task (deploy/monai-deploy-express) names the image the packager tags, starts
+    the app as the MAP's manifest does, and reads the models embedded in the MAP."""
+    workflow = json.loads((REPO / "deploy" / "monai-deploy-express" / "meddpm-workflow.json").read_text())
+    (task,) = [task["args"] for task in workflow["tasks"] if task["type"] == "docker"]
+    build = json.loads((rendered_context / "build.json").read_text())
+    assert task["container_image"] == build["tags"][0]
+    assert task["command"].split() == ["python3", "-u", f"{specification.APP_ROOT}/"]
+    assert task["env_HOLOSCAN_MODEL_PATH"].rstrip("/") == specification.MODEL_ROOT
+
+
 def test_an_unexpected_packager_dockerfile_is_refused(rendered_context):
     """A packager whose Dockerfile no longer has what an edit is for fails the render instead of building."""
     script = (
