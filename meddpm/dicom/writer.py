@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 
 import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -28,6 +29,14 @@ from meddpm.model.tensors import IMAGE_RANGE
 STORED_LEVELS = 4095  # the model range maps linearly onto stored values 0..4095
 SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
 MANUFACTURER = "meddpm-deploy"
+# A viewer draws stored pixels as they are: row direction left to right on the screen, column direction top to
+# bottom. The conventional (radiological) display of each plane, by the LPS axis its slices are stacked along:
+# (row direction, column direction) as (LPS axis, sign).
+DISPLAY_AXES = {
+    2: ((0, 1), (1, 1)),  # axial: rows toward the patient's left, columns toward posterior
+    1: ((0, 1), (2, -1)),  # coronal: rows toward the left, columns toward the feet
+    0: ((1, 1), (2, -1)),  # sagittal: rows toward posterior, columns toward the feet
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +130,9 @@ def write_series(
     seed: int,
     provenance: Provenance,
 ) -> list[Path]:
-    """One MR Image instance per slice of `volume` (X, Y, Z, model range) along Z, the rescale mapping its stored
-    values onto `written_range`; returns the files, in slice order."""
-    lps = LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)  # RAS to LPS: the same flip
+    """One MR Image instance per slice of `volume` (X, Y, Z, model range) along Z, in the display orientation of the
+    slices' plane, the rescale mapping its stored values onto `written_range`; returns the files, in slice order."""
+    volume, lps = display_oriented(volume, LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64))  # RAS to LPS
     spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
     row_cosine, column_cosine = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
     if abs(float(row_cosine @ column_cosine)) > 1e-4:
@@ -164,6 +173,17 @@ def write_series(
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return files
+
+
+def display_oriented(volume: np.ndarray, affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`volume` and its LPS affine with the in-plane axes flipped and swapped so that a viewer shows every slice in
+    the conventional orientation of its plane (DISPLAY_AXES, nearest axes for an oblique grid); the slice axis stays
+    the third. Exact: only the order of the voxels changes, the affine says where each one is."""
+    current = io_orientation(affine_lps)
+    (row_axis, row_sign), (column_axis, column_sign) = DISPLAY_AXES[int(current[2, 0])]
+    target = np.array([[row_axis, row_sign], [column_axis, column_sign], current[2]], dtype=float)
+    transform = ornt_transform(current, target)
+    return apply_orientation(volume, transform), affine_lps @ inv_ornt_aff(transform, volume.shape)
 
 
 def _instance(

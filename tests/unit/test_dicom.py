@@ -9,11 +9,13 @@ import re
 import numpy as np
 import pydicom
 import pytest
+from nibabel.orientations import io_orientation
 
 from meddpm.dicom.options import DicomOptions, SegmentMap
 from meddpm.dicom.reader import SEG_SOP_CLASS, read_dicom_mask
-from meddpm.dicom.writer import Provenance, study_identity, write_series, write_synthesis
+from meddpm.dicom.writer import DISPLAY_AXES, Provenance, study_identity, write_series, write_synthesis
 from meddpm.errors import InputError
+from meddpm.imaging.geometry import LPS_TO_RAS
 from meddpm.mask_inputs import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
 from tests.dicom_samples import (
@@ -21,6 +23,7 @@ from tests.dicom_samples import (
     dciodvfy_errors,
     image_series,
     leaked_values,
+    oblique_affine,
     save,
     segmentation,
 )
@@ -159,12 +162,9 @@ def test_written_series_is_valid_synthetic_and_on_the_source_geometry(phantom, t
     for path in files:
         assert dciodvfy_errors(path) == [], path
     written = [pydicom.dcmread(path) for path in files]
-    for ds, source in zip(written, mr):
-        np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], source.ImagePositionPatient, atol=1e-4)
-        np.testing.assert_allclose(
-            [float(v) for v in ds.ImageOrientationPatient], source.ImageOrientationPatient, atol=1e-6
-        )
-        np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], source.PixelSpacing, atol=1e-6)
+    assert_same_voxels(written, volume, mask.affine)
+    source_spacing = [float(v) for v in mr[0].PixelSpacing]
+    assert sorted(float(v) for v in written[0].PixelSpacing) == pytest.approx(sorted(source_spacing))
     first = written[0]
     assert list(first.ImageType) == ["DERIVED", "SECONDARY", "OTHER"] and first.SyntheticData == "YES"
     assert first.BurnedInAnnotation == "NO" and first.SeriesDescription.startswith("SYNTHETIC T1")
@@ -174,9 +174,70 @@ def test_written_series_is_valid_synthetic_and_on_the_source_geometry(phantom, t
     assert reference.ReferencedSOPInstanceUID == seg.SOPInstanceUID
     assert reference.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
     assert len({ds.SeriesInstanceUID for ds in written}) == 1 and len({ds.SOPInstanceUID for ds in written}) == 32
-    real = np.stack([ds.pixel_array.T * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in written], -1)
-    np.testing.assert_allclose(real, volume, atol=float(first.RescaleSlope))
     assert -1 < float(first.WindowCenter) < 1 and 1.5 < float(first.WindowWidth) <= 2
+
+
+def assert_same_voxels(written: list, volume: np.ndarray, affine_ras: np.ndarray) -> None:
+    """Every stored pixel lies, by its Image Position and Orientation, on a voxel of `volume`'s grid and holds that
+    voxel's value; every voxel is stored once."""
+    to_voxel = np.linalg.inv(LPS_TO_RAS @ affine_ras)
+    seen = np.zeros(volume.shape, dtype=int)
+    for ds in written:
+        row_cosine, column_cosine = np.reshape([float(v) for v in ds.ImageOrientationPatient], (2, 3))
+        between_rows, between_columns = (float(v) for v in ds.PixelSpacing)
+        rows, columns = np.indices((ds.Rows, ds.Columns)).reshape(2, -1)
+        world = (
+            np.asarray([float(v) for v in ds.ImagePositionPatient])
+            + np.outer(columns * between_columns, row_cosine)
+            + np.outer(rows * between_rows, column_cosine)
+        )
+        voxel = to_voxel[:3, :3] @ world.T + to_voxel[:3, 3:]
+        index = np.round(voxel).astype(int)
+        np.testing.assert_allclose(voxel, index, atol=1e-4)
+        real = ds.pixel_array.reshape(-1) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_allclose(real, volume[tuple(index)], atol=float(ds.RescaleSlope))
+        seen[tuple(index)] += 1
+    assert (seen == 1).all()
+
+
+def display_directions(ds) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(LPS axis, sign) nearest to the row and the column direction of one instance."""
+    row_cosine, column_cosine = np.reshape([float(v) for v in ds.ImageOrientationPatient], (2, 3))
+    return tuple((int(np.argmax(abs(c))), int(np.sign(c[np.argmax(abs(c))]))) for c in (row_cosine, column_cosine))
+
+
+# RAS affines whose third voxel axis runs along S (axial), A (coronal) or R (sagittal), in either voxel order,
+# straight and oblique; DISPLAY_AXES says how each plane must come out.
+RAS_AXIS = {"R": [1, 0, 0], "L": [-1, 0, 0], "A": [0, 1, 0], "P": [0, -1, 0], "S": [0, 0, 1], "I": [0, 0, -1]}
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "LAS", "PRS", "RSA", "LIP", "ASR", "SPL"])
+@pytest.mark.parametrize("oblique", [False, True], ids=["straight", "oblique"])
+def test_written_slices_are_in_the_display_orientation_of_their_plane(codes, oblique, tmp_path):
+    directions = np.array([RAS_AXIS[code] for code in codes], dtype=float).T
+    affine = np.eye(4)
+    affine[:3, :3] = directions * [1.5, 1.0, 2.0]
+    if oblique:
+        affine = oblique_affine((1, 1, 1), 1.0, 15.0) @ affine
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    volume = np.random.default_rng(1).uniform(-1, 1, (6, 5, 4)).astype(np.float32)
+    files = write_series(
+        tmp_path / "out",
+        volume,
+        affine,
+        identity=study_identity(None, DicomOptions()),
+        source=None,
+        written_range=(-1.0, 1.0),
+        series_number=1001,
+        channel="T1",
+        seed=1,
+        provenance=PROVENANCE,
+    )
+    written = [pydicom.dcmread(path) for path in files]
+    plane = int(io_orientation(LPS_TO_RAS @ affine)[2, 0])
+    assert len(written) == volume.shape[2]  # the slices stay those of the mask's third axis
+    assert {display_directions(ds) for ds in written} == {DISPLAY_AXES[plane]}
+    assert_same_voxels(written, volume, affine)
 
 
 def test_one_series_per_sample_and_channel_in_one_study(phantom, tmp_path):
@@ -211,8 +272,7 @@ def test_one_series_per_sample_and_channel_in_one_study(phantom, tmp_path):
     ]
     assert [ds.SeriesDescription.split()[1] for ds in firsts] == ["T1", "FLAIR", "T1", "FLAIR"]
     assert ["seed 7" in firsts[0].DerivationDescription, "seed 8" in firsts[3].DerivationDescription] == [True, True]
-    real = firsts[0].pixel_array.T * float(firsts[0].RescaleSlope) + float(firsts[0].RescaleIntercept)
-    np.testing.assert_allclose(real, (samples[0][0, :, :, 0] + 1) * 500, atol=float(firsts[0].RescaleSlope))
+    assert_same_voxels([pydicom.dcmread(path) for path in series[0]], (samples[0][0] + 1) * 500, mask.affine)
     assert 400 < float(firsts[0].WindowCenter) < 600 and 900 < float(firsts[0].WindowWidth) <= 1000
     for files in series:
         assert len(files) == 32 and dciodvfy_errors(files[0]) == []
