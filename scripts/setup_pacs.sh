@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install Debian's Orthanc PACS and its DICOMweb plugin for the PACS integration tests, when missing.
+# Install Debian's Orthanc PACS with its DICOMweb, Python (the synthesis plugin, deploy/orthanc/) and web viewer
+# plugins, and Chromium (the browser test of the viewer), for the PACS integration tests, when missing.
 # The tests start their own Orthanc on free loopback ports; the package's service is kept from starting
 # (a temporary policy-rc.d), so nothing holds 4242/8042 afterwards.
 set -euo pipefail
-PLUGIN=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
-if command -v Orthanc >/dev/null && [[ -f $PLUGIN ]]; then
+PLUGINS=/usr/share/orthanc/plugins
+if command -v Orthanc >/dev/null && command -v chromium >/dev/null && [[ -f $PLUGINS/libOrthancDicomWeb.so ]] \
+    && [[ -f $PLUGINS/libOrthancPython.so ]] && [[ -f $PLUGINS/libOrthancWebViewer.so ]]; then
     exit 0
 fi
 if [[ $(id -u) -ne 0 ]]; then
@@ -18,4 +20,5 @@ if [[ ! -e $POLICY ]]; then
     trap 'rm -f $POLICY' EXIT
 fi
 apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb orthanc-python \
+    orthanc-webviewer chromium >/dev/null

@@ -15,11 +15,26 @@ from pathlib import Path
 
 import pytest
 import requests
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 AE_TITLE = "ORTHANC"
 USER, PASSWORD = "meddpm", "pw-7f3a9c"  # a test server's; never a real credential
 MODALITIES = {"meddpm": "MEDDPM", "tests": "TESTSCU"}
+
+
+def c_store(server: OrthancServer, datasets: list[Dataset]) -> None:
+    """Store `datasets` into Orthanc's DICOM port by C-STORE, as a modality or a segmentation tool does."""
+    ae = AE(ae_title=MODALITIES["tests"])
+    for sop_class in sorted({ds.SOPClassUID for ds in datasets}):
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)  # the test data's transfer syntax
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    assoc.release()
+    assert statuses == [0] * len(datasets)
 
 
 def free_port() -> int:
@@ -29,10 +44,14 @@ def free_port() -> int:
 
 
 class OrthancServer:
-    def __init__(self, folder: Path):
+    """`extra` adds to (or overrides) the configuration, `plugins` adds plugin libraries to DICOMweb's."""
+
+    def __init__(self, folder: Path, extra: dict | None = None, plugins: tuple[Path, ...] = ()):
         binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
-        if binary is None or not DICOMWEB_PLUGIN.is_file():
-            pytest.fail("Orthanc or its DICOMweb plugin is missing: run scripts/setup_pacs.sh (as root)")
+        missing = [str(p) for p in (DICOMWEB_PLUGIN, *plugins) if not p.is_file()]
+        if binary is None or missing:
+            pytest.fail(f"Orthanc or its plugins {missing} are missing: run scripts/setup_pacs.sh (as root)")
+        self.binary, self.folder = binary, folder
         self.http_port, self.dicom_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dicomweb_url = f"{self.url}/dicom-web"
@@ -50,16 +69,21 @@ class OrthancServer:
             "DicomAlwaysAllowStore": False,
             "DicomCheckModalityHost": False,
             "DicomModalities": {name: [ae, "127.0.0.1", free_port()] for name, ae in MODALITIES.items()},
-            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "Plugins": [str(DICOMWEB_PLUGIN), *map(str, plugins)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StableAge": 1,
             "SaveJobs": False,
+            **(extra or {}),
         }
         (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.log = folder / "orthanc.log"
-        with self.log.open("w") as log:
+        self.start()
+
+    def start(self) -> None:
+        """Start Orthanc on its configuration and storage (again, after stop())."""
+        with self.log.open("a") as log:
             self.process = subprocess.Popen(
-                [binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+                [self.binary, str(self.folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
             )
         self._wait_ready()
 

@@ -13,7 +13,6 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, SegmentationStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from requests import Session
@@ -28,7 +27,7 @@ from meddpm.mask_inputs import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
 from tests.conftest import REPO
 from tests.dicom_samples import dciodvfy_errors, image_series, leaked_values, oblique_affine, save, segmentation, study
-from tests.orthanc import AE_TITLE, MODALITIES, PASSWORD, USER, OrthancServer
+from tests.orthanc import AE_TITLE, MODALITIES, PASSWORD, USER, OrthancServer, c_store
 
 PRESET = load_presets(BUILTIN_PRESETS)["demo"]
 
@@ -47,14 +46,7 @@ def source(orthanc):
     source_study = study()
     mr = image_series(labels.astype(np.uint16) * 400, oblique_affine(labels.shape, 6.0), source_study, 3, "T1")
     seg = segmentation(mr, labels)
-    ae = AE(ae_title=MODALITIES["tests"])
-    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-    ae.add_requested_context(SegmentationStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=AE_TITLE)
-    assert assoc.is_established
-    statuses = [assoc.send_c_store(ds).Status for ds in [*mr, seg]]
-    assoc.release()
-    assert statuses == [0] * 33
+    c_store(orthanc, [*mr, seg])
     return labels, source_study, mr, seg
 
 

@@ -1,0 +1,173 @@
+"""The Orthanc plugin (deploy/orthanc/synthesis_plugin.py) in a real Orthanc: a SEG stored by C-STORE comes back as a
+synthetic MR series without any other step; the job's state is Orthanc metadata on the SEG's series."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from meddpm.imaging.phantoms import make_phantom
+from tests.conftest import REPO
+from tests.dicom_samples import dciodvfy_errors, image_series, leaked_values, oblique_affine, segmentation, study
+from tests.orthanc import PASSWORD, USER, OrthancServer, c_store
+
+PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")  # Debian's orthanc-python
+SYNTHESIS_PLUGIN = REPO / "deploy" / "orthanc" / "synthesis_plugin.py"
+METADATA = "MeddpmSynthesis"
+JOB_SECONDS = 240  # app start-up (~15 s) and a short run on a shared 2-core machine, with a wide margin
+
+
+def synthesis_orthanc(folder, repository, identity: str, arguments: list[str]) -> OrthancServer:
+    """Orthanc with the synthesis plugin running the app from this checkout on the demo model."""
+    return OrthancServer(
+        folder,
+        extra={
+            "PythonScript": str(SYNTHESIS_PLUGIN),
+            "UserMetadata": {METADATA: 4201},
+            METADATA: {
+                "Command": [sys.executable, "-m", "app"],
+                "WorkingDirectory": str(REPO),
+                "ModelRepository": str(repository),
+                "IdentityPolicy": identity,
+                "Arguments": ["--seed", "1", *arguments],
+                "Workers": 2,
+                "JobsDirectory": str(folder / "jobs"),
+            },
+        },
+        plugins=(PYTHON_PLUGIN,),
+    )
+
+
+@pytest.fixture(scope="module")
+def pacs(demo_repository, tmp_path_factory):
+    server = synthesis_orthanc(
+        tmp_path_factory.mktemp("orthanc"),
+        demo_repository,
+        "pseudonymous",
+        ["--scheduler", "dpmpp2m-sde", "--steps", "4"],
+    )
+    yield server
+    server.stop()
+
+
+def head_study(seed: int):
+    """A phantom MR series with patient data and its SEG, of a new study."""
+    labels, _ = make_phantom(np.random.default_rng(seed), (32, 32, 32), 6.0)
+    mr = image_series(labels.astype(np.uint16) * 400, oblique_affine(labels.shape, 6.0), study(), 3, "T1")
+    return mr, segmentation(mr, labels)
+
+
+def orthanc_id(server: OrthancServer, series_uid: str) -> str:
+    found = requests.post(f"{server.url}/tools/lookup", data=series_uid, auth=(USER, PASSWORD), timeout=10).json()
+    [series] = [item["ID"] for item in found if item["Type"] == "Series"]
+    return series
+
+
+def job_state(server: OrthancServer, series: str) -> dict | None:
+    response = requests.get(f"{server.url}/series/{series}/metadata/{METADATA}", auth=(USER, PASSWORD), timeout=10)
+    return response.json() if response.ok else None
+
+
+def wait_for(server: OrthancServer, series: str, states: tuple[str, ...], timeout_s: float = JOB_SECONDS) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = job_state(server, series)
+        if state and state["state"] in states:
+            return state
+        time.sleep(0.5)
+    pytest.fail(f"series {series}: no state in {states} within {timeout_s} s: {job_state(server, series)}\n"
+                f"{server.log.read_text()[-3000:]}")  # fmt: skip
+
+
+def synthetic_instances(server: OrthancServer, series: str) -> list[pydicom.Dataset]:
+    instances = server.get(f"/series/{series}/instances")
+    return [
+        pydicom.dcmread(
+            pydicom.filebase.DicomBytesIO(
+                requests.get(f"{server.url}/instances/{i['ID']}/file", auth=(USER, PASSWORD), timeout=10).content
+            )
+        )
+        for i in instances
+    ]
+
+
+def test_a_stored_seg_comes_back_as_a_synthetic_series(pacs, tmp_path):
+    mr, seg = head_study(5)
+    started = time.monotonic()
+    c_store(pacs, [*mr, seg])
+    source = orthanc_id(pacs, seg.SeriesInstanceUID)
+    done = wait_for(pacs, source, ("done", "failed"))
+    elapsed = time.monotonic() - started
+    assert done["state"] == "done", done
+    [synthetic] = done["synthetic_series"]
+    print(f"C-STORE to synthetic series stored: {elapsed:.1f} s (job {done['seconds']} s)")
+    instances = synthetic_instances(pacs, synthetic)
+    assert len(instances) == 32 and {ds.Modality for ds in instances} == {"MR"}
+    first = instances[0]
+    assert first.SyntheticData == "YES" and first.SourceImageSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    # pseudonymous: a new patient and study, nothing of the source's patient data
+    assert first.StudyInstanceUID != seg.StudyInstanceUID and first.PatientID.startswith("SYN-")
+    path = tmp_path / "synthetic.dcm"
+    first.save_as(path)
+    assert dciodvfy_errors(path) == []
+    for ds in instances:
+        assert leaked_values(ds) == []
+    log = pacs.log.read_text()
+    assert f"series {source}: synthesis queued" in log and f"synthetic series {synthetic} stored" in log
+
+    # the same SEG stored again: no second job, still one synthetic series
+    c_store(pacs, [seg])
+    time.sleep(5)  # StableAge is 1 s: a second stable event would have come by now
+    assert job_state(pacs, source) == done
+    assert len(pacs.get(f"/studies/{pacs.get(f'/series/{synthetic}')['ParentStudy']}/series")) == 1
+
+
+def test_two_segs_at_once_both_complete(pacs):
+    studies = [head_study(seed) for seed in (11, 12)]
+    c_store(pacs, [ds for mr, seg in studies for ds in (*mr, seg)])
+    sources = [orthanc_id(pacs, seg.SeriesInstanceUID) for _, seg in studies]
+    states = [wait_for(pacs, source, ("done", "failed")) for source in sources]
+    assert [state["state"] for state in states] == ["done", "done"], states
+    assert len({series for state in states for series in state["synthetic_series"]}) == 2
+
+
+def test_a_bad_seg_ends_failed_with_its_reason(pacs):
+    mr, seg = head_study(21)
+    bad = copy.deepcopy(seg)
+    bad.Rows, bad.Columns = 1000, 1000  # pixel data far too short for the frames it claims
+    c_store(pacs, [bad])
+    source = orthanc_id(pacs, bad.SeriesInstanceUID)
+    failed = wait_for(pacs, source, ("done", "failed"))
+    assert failed["state"] == "failed"
+    assert "need 8000000 bytes of pixel data" in failed["reason"], failed
+    assert f"series {source}: synthesis failed" in pacs.log.read_text()
+
+
+def test_a_job_survives_an_orthanc_restart_and_keeps_the_study(demo_repository, tmp_path):
+    """DDPM 250 steps, so that the job is still running when Orthanc stops; keep-study files the synthetic series
+    into the SEG's study, with its patient."""
+    server = synthesis_orthanc(tmp_path, demo_repository, "keep-study", [])
+    try:
+        mr, seg = head_study(31)
+        c_store(server, [*mr, seg])
+        source = orthanc_id(server, seg.SeriesInstanceUID)
+        wait_for(server, source, ("running",))
+        time.sleep(3)  # the app is under way
+        server.stop()
+        server.start()
+        done = wait_for(server, source, ("done", "failed"), timeout_s=2 * JOB_SECONDS)
+        assert done["state"] == "done", done
+        [synthetic] = done["synthetic_series"]
+        first = synthetic_instances(server, synthetic)[0]
+        assert first.StudyInstanceUID == seg.StudyInstanceUID and first.PatientID == seg.PatientID
+        assert first.PatientIdentityRemoved == "NO"
+        assert "queued again" in server.log.read_text()
+    finally:
+        server.stop()
