@@ -12,13 +12,16 @@ import numpy as np
 import pydicom
 import pytest
 import requests
+from PIL import Image
 
+from deploy.orthanc.viewer import screenshot_series
 from meddpm.imaging.phantoms import make_phantom
 from tests.conftest import REPO
 from tests.dicom_samples import dciodvfy_errors, image_series, leaked_values, oblique_affine, segmentation, study
 from tests.orthanc import PASSWORD, USER, OrthancServer, c_store
 
-PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")  # Debian's orthanc-python
+PLUGINS = Path("/usr/share/orthanc/plugins")
+PYTHON_PLUGIN, VIEWER_PLUGIN = PLUGINS / "libOrthancPython.so", PLUGINS / "libOrthancWebViewer.so"  # Debian's
 SYNTHESIS_PLUGIN = REPO / "deploy" / "orthanc" / "synthesis_plugin.py"
 METADATA = "MeddpmSynthesis"
 JOB_SECONDS = 240  # app start-up (~15 s) and a short run on a shared 2-core machine, with a wide margin
@@ -41,7 +44,7 @@ def synthesis_orthanc(folder, repository, identity: str, arguments: list[str]) -
                 "JobsDirectory": str(folder / "jobs"),
             },
         },
-        plugins=(PYTHON_PLUGIN,),
+        plugins=(PYTHON_PLUGIN, VIEWER_PLUGIN),
     )
 
 
@@ -51,7 +54,7 @@ def pacs(demo_repository, tmp_path_factory):
         tmp_path_factory.mktemp("orthanc"),
         demo_repository,
         "pseudonymous",
-        ["--scheduler", "dpmpp2m-sde", "--steps", "4"],
+        ["--scheduler", "dpmpp2m-sde"],
     )
     yield server
     server.stop()
@@ -98,16 +101,22 @@ def synthetic_instances(server: OrthancServer, series: str) -> list[pydicom.Data
     ]
 
 
-def test_a_stored_seg_comes_back_as_a_synthetic_series(pacs, tmp_path):
+@pytest.fixture(scope="module")
+def synthesised(pacs):
+    """A phantom MR study and its SEG stored by C-STORE, and the finished job: (SEG, source series, its state)."""
     mr, seg = head_study(5)
     started = time.monotonic()
     c_store(pacs, [*mr, seg])
     source = orthanc_id(pacs, seg.SeriesInstanceUID)
     done = wait_for(pacs, source, ("done", "failed"))
-    elapsed = time.monotonic() - started
+    print(f"C-STORE to synthetic series stored: {time.monotonic() - started:.1f} s (job {done.get('seconds')} s)")
+    return seg, source, done
+
+
+def test_a_stored_seg_comes_back_as_a_synthetic_series(pacs, synthesised, tmp_path):
+    seg, source, done = synthesised
     assert done["state"] == "done", done
     [synthetic] = done["synthetic_series"]
-    print(f"C-STORE to synthetic series stored: {elapsed:.1f} s (job {done['seconds']} s)")
     instances = synthetic_instances(pacs, synthetic)
     assert len(instances) == 32 and {ds.Modality for ds in instances} == {"MR"}
     first = instances[0]
@@ -127,6 +136,19 @@ def test_a_stored_seg_comes_back_as_a_synthetic_series(pacs, tmp_path):
     time.sleep(5)  # StableAge is 1 s: a second stable event would have come by now
     assert job_state(pacs, source) == done
     assert len(pacs.get(f"/studies/{pacs.get(f'/series/{synthetic}')['ParentStudy']}/series")) == 1
+
+
+def test_the_synthetic_series_is_drawn_in_the_web_viewer(pacs, synthesised, tmp_path):
+    """A real browser opens the series in Orthanc's Web Viewer; the drawn image shows a head: not blank, and its
+    middle brighter than its border (the background)."""
+    [synthetic] = synthesised[2]["synthetic_series"]
+    path = screenshot_series(pacs.url, synthetic, 32, tmp_path / "viewer.png", credentials=(USER, PASSWORD))
+    grey = np.asarray(Image.open(path).convert("L"), dtype=float)
+    height, width = grey.shape
+    middle = grey[height // 3 : 2 * height // 3, width // 3 : 2 * width // 3]
+    border = np.concatenate([grey[: height // 10].ravel(), grey[-height // 10 :].ravel()])
+    assert grey.std() > 20, f"a blank image: {path}"
+    assert middle.mean() > border.mean() + 40, (middle.mean(), border.mean(), path)
 
 
 def test_two_segs_at_once_both_complete(pacs):

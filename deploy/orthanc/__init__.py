@@ -1,0 +1,1 @@
+"""Orthanc as the research PACS: the synthesis plugin, its demo and the viewer check."""
