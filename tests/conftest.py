@@ -96,8 +96,9 @@ def phantom():
     """A 32^3 phantom mask on an oblique 6 mm grid, its 'acquired' MR series (with patient data) and its SEG."""
     import numpy as np
 
+    from meddpm.dicom.phantoms import image_series, oblique_affine, segmentation
     from meddpm.imaging.phantoms import make_phantom
-    from tests.dicom_samples import image_series, oblique_affine, segmentation, study
+    from tests.dicom_samples import study
 
     labels, _ = make_phantom(np.random.default_rng(3), (32, 32, 32), 6.0)
     affine = oblique_affine(labels.shape, 6.0)

@@ -6,22 +6,21 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import requests
 from PIL import Image
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 
 from deploy.orthanc.viewer import screenshot_series
-from meddpm.imaging.phantoms import make_phantom
+from meddpm.dicom.phantoms import phantom_study
 from tests.conftest import REPO
-from tests.dicom_samples import dciodvfy_errors, image_series, leaked_values, oblique_affine, segmentation, study
+from tests.dicom_samples import PATIENT, dciodvfy_errors, leaked_values
 from tests.orthanc import PASSWORD, USER, OrthancServer, c_store
 
-PLUGINS = Path("/usr/share/orthanc/plugins")
-PYTHON_PLUGIN, VIEWER_PLUGIN = PLUGINS / "libOrthancPython.so", PLUGINS / "libOrthancWebViewer.so"  # Debian's
 SYNTHESIS_PLUGIN = REPO / "deploy" / "orthanc" / "synthesis_plugin.py"
 METADATA = "MeddpmSynthesis"
 JOB_SECONDS = 240  # app start-up (~15 s) and a short run on a shared 2-core machine, with a wide margin
@@ -44,7 +43,7 @@ def synthesis_orthanc(folder, repository, identity: str, arguments: list[str]) -
                 "JobsDirectory": str(folder / "jobs"),
             },
         },
-        plugins=(PYTHON_PLUGIN, VIEWER_PLUGIN),
+        plugins=("libOrthancPython.so", "libOrthancWebViewer.so"),
     )
 
 
@@ -58,19 +57,6 @@ def pacs(demo_repository, tmp_path_factory):
     )
     yield server
     server.stop()
-
-
-def head_study(seed: int):
-    """A phantom MR series with patient data and its SEG, of a new study."""
-    labels, _ = make_phantom(np.random.default_rng(seed), (32, 32, 32), 6.0)
-    mr = image_series(labels.astype(np.uint16) * 400, oblique_affine(labels.shape, 6.0), study(), 3, "T1")
-    return mr, segmentation(mr, labels)
-
-
-def orthanc_id(server: OrthancServer, series_uid: str) -> str:
-    found = requests.post(f"{server.url}/tools/lookup", data=series_uid, auth=(USER, PASSWORD), timeout=10).json()
-    [series] = [item["ID"] for item in found if item["Type"] == "Series"]
-    return series
 
 
 def job_state(server: OrthancServer, series: str) -> dict | None:
@@ -90,24 +76,16 @@ def wait_for(server: OrthancServer, series: str, states: tuple[str, ...], timeou
 
 
 def synthetic_instances(server: OrthancServer, series: str) -> list[pydicom.Dataset]:
-    instances = server.get(f"/series/{series}/instances")
-    return [
-        pydicom.dcmread(
-            pydicom.filebase.DicomBytesIO(
-                requests.get(f"{server.url}/instances/{i['ID']}/file", auth=(USER, PASSWORD), timeout=10).content
-            )
-        )
-        for i in instances
-    ]
+    return [dcmread(DicomBytesIO(server.file(i["ID"]))) for i in server.get(f"/series/{series}/instances")]
 
 
 @pytest.fixture(scope="module")
 def synthesised(pacs):
     """A phantom MR study and its SEG stored by C-STORE, and the finished job: (SEG, source series, its state)."""
-    mr, seg = head_study(5)
+    mr, seg = phantom_study(5, PATIENT)
     started = time.monotonic()
     c_store(pacs, [*mr, seg])
-    source = orthanc_id(pacs, seg.SeriesInstanceUID)
+    source = pacs.series_id(seg.SeriesInstanceUID)
     done = wait_for(pacs, source, ("done", "failed"))
     print(f"C-STORE to synthetic series stored: {time.monotonic() - started:.1f} s (job {done.get('seconds')} s)")
     return seg, source, done
@@ -152,20 +130,20 @@ def test_the_synthetic_series_is_drawn_in_the_web_viewer(pacs, synthesised, tmp_
 
 
 def test_two_segs_at_once_both_complete(pacs):
-    studies = [head_study(seed) for seed in (11, 12)]
+    studies = [phantom_study(seed) for seed in (11, 12)]
     c_store(pacs, [ds for mr, seg in studies for ds in (*mr, seg)])
-    sources = [orthanc_id(pacs, seg.SeriesInstanceUID) for _, seg in studies]
+    sources = [pacs.series_id(seg.SeriesInstanceUID) for _, seg in studies]
     states = [wait_for(pacs, source, ("done", "failed")) for source in sources]
     assert [state["state"] for state in states] == ["done", "done"], states
     assert len({series for state in states for series in state["synthetic_series"]}) == 2
 
 
 def test_a_bad_seg_ends_failed_with_its_reason(pacs):
-    mr, seg = head_study(21)
+    mr, seg = phantom_study(21, PATIENT)
     bad = copy.deepcopy(seg)
     bad.Rows, bad.Columns = 1000, 1000  # pixel data far too short for the frames it claims
     c_store(pacs, [bad])
-    source = orthanc_id(pacs, bad.SeriesInstanceUID)
+    source = pacs.series_id(bad.SeriesInstanceUID)
     failed = wait_for(pacs, source, ("done", "failed"))
     assert failed["state"] == "failed"
     assert "need 8000000 bytes of pixel data" in failed["reason"], failed
@@ -177,9 +155,9 @@ def test_a_job_survives_an_orthanc_restart_and_keeps_the_study(demo_repository, 
     into the SEG's study, with its patient."""
     server = synthesis_orthanc(tmp_path, demo_repository, "keep-study", [])
     try:
-        mr, seg = head_study(31)
+        mr, seg = phantom_study(31, PATIENT)
         c_store(server, [*mr, seg])
-        source = orthanc_id(server, seg.SeriesInstanceUID)
+        source = server.series_id(seg.SeriesInstanceUID)
         wait_for(server, source, ("running",))
         time.sleep(3)  # the app is under way
         server.stop()

@@ -19,6 +19,7 @@ from requests import Session
 
 from meddpm.dicom.options import CStoreDestination, DicomOptions
 from meddpm.dicom.pacs import PacsExporter, dicomweb_credentials
+from meddpm.dicom.phantoms import image_series, oblique_affine, segmentation
 from meddpm.dicom.reader import read_dicom_mask
 from meddpm.dicom.writer import Provenance, study_identity, write_series
 from meddpm.errors import ConfigurationError, PacsError
@@ -26,7 +27,7 @@ from meddpm.imaging.phantoms import make_phantom
 from meddpm.mask_inputs import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
 from tests.conftest import REPO
-from tests.dicom_samples import dciodvfy_errors, image_series, leaked_values, oblique_affine, save, segmentation, study
+from tests.dicom_samples import dciodvfy_errors, leaked_values, save, study
 from tests.orthanc import AE_TITLE, MODALITIES, PASSWORD, USER, OrthancServer, c_store
 
 PRESET = load_presets(BUILTIN_PRESETS)["demo"]

@@ -1,0 +1,135 @@
+"""Debian's Orthanc on free loopback ports, with plugins, for the PACS demo (deploy/orthanc/demo.py) and the tests.
+
+`LocalOrthanc(folder, config, plugins)` writes `config` (ports, storage in `folder` added) and starts Orthanc;
+stop() and start() again keep its storage, as a restart of a PACS does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+
+from meddpm.errors import ConfigurationError, PacsError
+
+PLUGINS = Path("/usr/share/orthanc/plugins")  # Debian's orthanc-dicomweb, orthanc-python, orthanc-webviewer
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LocalOrthanc:
+    def __init__(
+        self,
+        folder: Path,
+        config: dict,
+        plugins: tuple[str, ...] = (),
+        credentials: tuple[str, str] | None = None,
+    ):
+        self.binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
+        paths = [PLUGINS / name for name in plugins]
+        missing = [str(path) for path in paths if not path.is_file()]
+        if self.binary is None or missing:
+            raise ConfigurationError(
+                f"Orthanc or its plugins {missing} are missing: run scripts/setup_pacs.sh (as root), which installs "
+                "Debian's orthanc, orthanc-dicomweb, orthanc-python and orthanc-webviewer"
+            )
+        self.folder, self.credentials = folder, credentials
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.log = folder / "orthanc.log"
+        self.config_path = folder / "orthanc.json"
+        settings = {
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "RemoteAccessAllowed": False,
+            "Plugins": [str(path) for path in paths],
+            **config,
+        }
+        self.ae_title = settings.get("DicomAet", "ORTHANC")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(settings, indent=2))
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def __enter__(self) -> LocalOrthanc:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 60) -> None:
+        """Start Orthanc on its configuration and storage; return once its REST API answers."""
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen([self.binary, str(self.config_path)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise PacsError(f"Orthanc exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/system", auth=self.credentials, timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise PacsError(f"Orthanc did not answer within {timeout_s:g} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """Stop Orthanc as its service does (SIGTERM: plugins see it stop), killing it if it hangs."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def get(self, path: str):
+        response = requests.get(f"{self.url}{path}", auth=self.credentials, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def file(self, instance: str) -> bytes:
+        response = requests.get(f"{self.url}/instances/{instance}/file", auth=self.credentials, timeout=30)
+        response.raise_for_status()
+        return response.content
+
+    def series_id(self, series_uid: str) -> str:
+        """Orthanc's ID of the series with this Series Instance UID."""
+        response = requests.post(f"{self.url}/tools/lookup", data=series_uid, auth=self.credentials, timeout=10)
+        response.raise_for_status()
+        [series] = [item["ID"] for item in response.json() if item["Type"] == "Series"]
+        return series
+
+    def c_store(self, datasets: list[Dataset], calling_ae: str) -> None:
+        """Store `datasets` (explicit VR little endian) through the DICOM port by C-STORE, as a modality or a
+        segmentation tool sends them."""
+        ae = AE(ae_title=calling_ae)
+        for sop_class in sorted({ds.SOPClassUID for ds in datasets}):
+            ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+        association = ae.associate("127.0.0.1", self.dicom_port, ae_title=self.ae_title)
+        if not association.is_established:
+            raise PacsError(f"Orthanc at port {self.dicom_port} refused the association from {calling_ae!r}")
+        try:
+            statuses = [association.send_c_store(ds).Status for ds in datasets]
+        finally:
+            association.release()
+        refused = [status for status in statuses if status != 0]
+        if refused:
+            raise PacsError(f"Orthanc refused {len(refused)} of {len(datasets)} instances (status {refused[0]:#06x})")
