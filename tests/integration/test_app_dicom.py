@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
+from deploy.dciodvfy import dciodvfy_errors
 from meddpm.dicom.phantoms import segmentation
 from tests.conftest import REPO
-from tests.dicom_samples import dciodvfy_errors, leaked_values, save
+from tests.dicom_samples import leaked_values, save
 
 
 def test_app_synthesises_dicom_masks_and_reports_bad_ones(demo_repository, phantom, tmp_path):

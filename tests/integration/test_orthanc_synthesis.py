@@ -4,6 +4,8 @@ synthetic MR series without any other step; the job's state is Orthanc metadata 
 from __future__ import annotations
 
 import copy
+import re
+import subprocess
 import sys
 import time
 
@@ -15,10 +17,11 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
+from deploy.dciodvfy import dciodvfy_errors
 from deploy.orthanc.viewer import screenshot_series
 from meddpm.dicom.phantoms import phantom_study
 from tests.conftest import REPO
-from tests.dicom_samples import PATIENT, dciodvfy_errors, leaked_values
+from tests.dicom_samples import PATIENT, leaked_values
 from tests.orthanc import PASSWORD, USER, OrthancServer, c_store
 
 SYNTHESIS_PLUGIN = REPO / "deploy" / "orthanc" / "synthesis_plugin.py"
@@ -171,3 +174,20 @@ def test_a_job_survives_an_orthanc_restart_and_keeps_the_study(demo_repository, 
         assert "queued again" in server.log.read_text()
     finally:
         server.stop()
+
+
+def test_the_pacs_demo_script(tmp_path):
+    """scripts/pacs_demo.sh as the README runs it: the synthetic series, a clean dciodvfy and the screenshot."""
+    result = subprocess.run(
+        [REPO / "scripts" / "pacs_demo.sh", "--out", tmp_path / "demo"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^synthetic series [0-9a-f-]{44}: stored [\d.]+ s after the C-STORE$", result.stdout, re.M)
+    assert "dciodvfy: 32 instances, 0 errors" in result.stdout
+    assert f"screenshot of the Web Viewer: {tmp_path / 'demo' / 'viewer.png'}" in result.stdout
+    assert (tmp_path / "demo" / "viewer.png").stat().st_size > 10_000
+    assert list((tmp_path / "demo" / "jobs").glob("*/*")) == []  # each job's folder is removed

@@ -17,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from requests import Session
 
+from deploy.dciodvfy import dciodvfy_errors
 from meddpm.dicom.options import CStoreDestination, DicomOptions
 from meddpm.dicom.pacs import PacsExporter, dicomweb_credentials
 from meddpm.dicom.phantoms import image_series, oblique_affine, segmentation
@@ -27,7 +28,7 @@ from meddpm.imaging.phantoms import make_phantom
 from meddpm.mask_inputs import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
 from tests.conftest import REPO
-from tests.dicom_samples import dciodvfy_errors, leaked_values, save, study
+from tests.dicom_samples import leaked_values, save, study
 from tests.orthanc import AE_TITLE, MODALITIES, PASSWORD, USER, OrthancServer, c_store
 
 PRESET = load_presets(BUILTIN_PRESETS)["demo"]

@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from nibabel.orientations import io_orientation
 
+from deploy.dciodvfy import dciodvfy_errors
 from meddpm.dicom.options import DicomOptions, SegmentMap
 from meddpm.dicom.phantoms import image_series, oblique_affine, segmentation
 from meddpm.dicom.reader import SEG_SOP_CLASS, read_dicom_mask
@@ -19,7 +20,7 @@ from meddpm.errors import InputError
 from meddpm.imaging.geometry import LPS_TO_RAS
 from meddpm.mask_inputs import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
-from tests.dicom_samples import PATIENT, dciodvfy_errors, leaked_values, save
+from tests.dicom_samples import PATIENT, leaked_values, save
 
 PRESET = load_presets(BUILTIN_PRESETS)["demo"]
 PROVENANCE = Provenance("meddpm_demo", "demo", "ddim", 3, "meddpm-deploy test")
