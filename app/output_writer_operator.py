@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import logging
 from pathlib import Path
@@ -15,6 +14,7 @@ import nibabel as nib
 import numpy as np
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+import meddpm
 from app.preview import write_preview
 from app.report import RunReport
 from app.synthesis_operator import Synthesis
@@ -108,7 +108,7 @@ class OutputWriterOperator(Operator):
             self._model.preset.name,
             record["scheduler"],
             record["steps"],
-            f"meddpm-deploy {importlib.metadata.version('meddpm-deploy')}",
+            f"meddpm-deploy {meddpm.__version__}",
         )
         return write_synthesis(
             staging / "dicom",

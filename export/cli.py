@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import meddpm
 from export import onnx_graph, repository, tensorrt_plan
 from meddpm.errors import MedDDPMError
 from meddpm.model.checkpoint import load_checkpoint
@@ -76,9 +77,7 @@ def run(args: argparse.Namespace) -> Manifest:
                 PREDICTED_NOISE,
                 preset.unet.downsample_factor,
             ),
-            sampler_package=SamplerCodeRecord(
-                SAMPLER_PACKAGE, core.code_sha256(), core.FILES, versions.get("meddpm-deploy", "unknown")
-            ),
+            sampler_package=SamplerCodeRecord(SAMPLER_PACKAGE, core.code_sha256(), core.FILES, meddpm.__version__),
             verification=verification.to_dict(),
             versions=versions,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

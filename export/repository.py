@@ -27,6 +27,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+import meddpm
 from meddpm.atomic import staged_folder, write_text
 from meddpm.errors import ConfigurationError
 from meddpm.model.manifest import MANIFEST, ONNX_SHA256, PACKAGE_SHA256, SAMPLER_PACKAGE, Manifest
@@ -39,7 +40,7 @@ PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 SAMPLER_MODEL_SOURCE = Path(__file__).with_name("triton_sampler_model.py")
 SAMPLER_CORE_FILES = {f"{SAMPLER_PACKAGE}/{name}": core.PACKAGE / name for name in core.FILES}
 SAMPLER_INSTANCES = 2
-VERSIONS_RECORDED = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers", "meddpm-deploy")
+VERSIONS_RECORDED = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
@@ -112,7 +113,7 @@ def config_text(config: mc.ModelConfig) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    versions = {}
+    versions = {"meddpm-deploy": meddpm.__version__}
     for package in VERSIONS_RECORDED:
         try:
             versions[package] = metadata.version(package)

@@ -6,3 +6,5 @@ imaging | sampling   label masks, geometry, memory | the sampling loop, schedule
 model                presets, the UNet and its tensors, checkpoints, schedule, manifest, model repository
 atomic | retry | choices, errors
 """
+
+__version__ = "0.1.0"  # the project's version (pyproject.toml reads it)

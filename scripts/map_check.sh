@@ -14,8 +14,8 @@
 # 4. The MAP synthesises a phantom head with the demo model (DDPM 250 steps, seed 1) as the Workflow Manager of
 #    MONAI Deploy Express runs our workflow's docker task (its image, entrypoint, command and HOLOSCAN_* paths,
 #    input and output mounted there; not its PACS settings), in process; then through its own entry point (the tools
-#    script runs app.json's command) with TRITON_SERVER_NETLOC pointing at a Triton server on this host. Both
-#    volumes must equal the run outside the container.
+#    script runs app.json's command) with TRITON_SERVER_NETLOC pointing at a Triton server on this host, writing
+#    NIfTI and DICOM. Both volumes must equal the run outside the container.
 # Needs root (podman), .venv (scripts/setup.sh), .venv-triton (scripts/setup_triton.sh); installs Debian's
 # podman, runc and debootstrap when missing. `--context-only` stops after step 1 (no root, no podman: the CI
 # smoke). Results in build/map-check/, logs in build/map-*.log; exits non-zero on any failure.
@@ -100,9 +100,14 @@ with LocalTriton(models, log_path=work / "tritonserver.log") as server:
     subprocess.run(["podman", "run", "--rm", "--network=host", "--ipc=host",
                     "-e", f"TRITON_SERVER_NETLOC={server.url}", "-e", "MEDDPM_TRITON_TRANSPORT=shm",
                     "-v", f"{work}/input:/var/holoscan/input:ro", "-v", f"{work}/output-triton:/var/holoscan/output",
-                    image, "--seed", "1"], check=True)
+                    image, "--seed", "1", "--output-format", "nifti,dicom"], check=True)
 PY
 .venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-triton/head" \
     --reference "$WORK/reference/head" --backend "triton meddpm_demo_cpu (shm)"
+slices=$(find "$WORK/output-triton/head/dicom" -name '*.dcm' | wc -l)
+if [[ $slices != 32 ]]; then
+    echo "the MAP wrote $slices DICOM slices, not 32" >&2
+    exit 1
+fi
 step "MAP $IMAGE: built by the packager's context, satisfies the specification, and wrote the same volume as" \
     "outside the container as a Workflow Manager docker task (in process) and through its entry point (Triton)"

@@ -58,12 +58,17 @@ class Settings:
         if self.workers < 1:
             raise ValueError(f"MeddpmSynthesis.Workers {self.workers}: use 1 or more")
 
+    @property
+    def in_container(self) -> bool:
+        """The command mounts the job's folders itself ({input} and {output} in it): a container, such as the MAP."""
+        return any("{input}" in part for part in self.command)
+
     def app_command(self, input_folder: Path, output_folder: Path) -> list[str]:
         """The configured command with the job's folders: in {input}/{output} placeholders (a container's volume
         options), else as the app's -i and -o; then the model repository, DICOM output and the identity policy."""
         folders = {"input": str(input_folder), "output": str(output_folder)}
         command = [part.format(**folders) for part in self.command]
-        if not any("{input}" in part for part in self.command):
+        if not self.in_container:
             command += ["-i", folders["input"], "-o", folders["output"]]
         if self.model_repository:
             command += ["-m", self.model_repository]
@@ -152,18 +157,19 @@ class SynthesisJobs:
         try:
             input_folder, output_folder = job / "input", job / "output"
             input_folder.mkdir()
+            output_folder.mkdir()
+            if self.settings.in_container:
+                output_folder.chmod(0o777)  # the image's user (the MAP's: holoscan, 1000) writes there
             for index, instance in enumerate(_get(f"/series/{series}/instances")):
                 (input_folder / f"{index:05d}.dcm").write_bytes(orthanc.RestApiGet(f"/instances/{instance['ID']}/file"))
             result = self._run_app(series, input_folder, output_folder)
             if result is None:
                 return  # stopped with Orthanc: left `running`, resumed at the next start
-            if result.returncode != 0:
+            written = sorted(output_folder.rglob("*.dcm"))
+            if result.returncode != 0 or not written:  # a MAP's entry point exits 0 whatever the app did
                 self._fail(series, _reason(result))
                 return
-            stored = sorted({_store(path) for path in sorted(output_folder.rglob("*.dcm"))})
-            if not stored:
-                self._fail(series, "the app wrote no DICOM series")
-                return
+            stored = sorted({_store(path) for path in written})
             seconds = round(time.monotonic() - started, 1)
             _set_state(series, DONE, synthetic_series=stored, seconds=seconds)
             orthanc.LogWarning(f"meddpm: series {series}: synthetic series {', '.join(stored)} stored in {seconds} s")
