@@ -16,6 +16,7 @@ import requests
 from PIL import Image
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
 
 from deploy.dciodvfy import dciodvfy_errors
 from deploy.orthanc.viewer import screenshot_series
@@ -44,6 +45,7 @@ def synthesis_orthanc(folder, repository, identity: str, arguments: list[str]) -
                 "Arguments": ["--seed", "1", *arguments],
                 "Workers": 2,
                 "JobsDirectory": str(folder / "jobs"),
+                "LabelMapSeriesDescription": "LABELS .*",
             },
         },
         plugins=("libOrthancPython.so", "libOrthancWebViewer.so"),
@@ -139,6 +141,23 @@ def test_two_segs_at_once_both_complete(pacs):
     states = [wait_for(pacs, source, ("done", "failed")) for source in sources]
     assert [state["state"] for state in states] == ["done", "done"], states
     assert len({series for state in states for series in state["synthetic_series"]}) == 2
+
+
+def test_a_label_map_series_matched_by_the_rule_is_synthesised(pacs):
+    """An image series of label values whose description matches LabelMapSeriesDescription is a mask too; an MR
+    series that does not match is left alone."""
+    mr, _ = phantom_study(41, PATIENT)
+    labels = [copy.deepcopy(ds) for ds in mr]
+    label_uid = generate_uid()
+    for ds in labels:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = label_uid, 60, "LABELS brain tumour"
+        ds.PixelData = (np.frombuffer(ds.PixelData, np.uint16) // 400).astype(np.uint16).tobytes()  # 400 per label
+    c_store(pacs, [*mr, *labels])
+    done = wait_for(pacs, pacs.series_id(label_uid), ("done", "failed"))
+    assert done["state"] == "done", done
+    time.sleep(3)  # the MR series became stable too
+    assert job_state(pacs, pacs.series_id(mr[0].SeriesInstanceUID)) is None
 
 
 def test_a_bad_seg_ends_failed_with_its_reason(pacs):
