@@ -11,29 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_containers.sh
 export CONTAINERS_CONF=$PWD/build/podman/containers.conf
-BASE=localhost/meddpm-cuda-standin:bookworm
+BASE=$(scripts/standin_base.sh)  # made once, shared with scripts/map_check.sh
 IMAGE=localhost/meddpm-deploy:check
 WORK=$PWD/build/container-check
 APP_UID=10001
 SECONDS=0
 step() { echo "[container_check ${SECONDS}s] $*"; }
 
-if ! podman image exists $BASE; then
-    # No registry image can be pulled here. The stand-in for the CUDA runtime image is Debian 12 with what the
-    # app loads from that image without a GPU: libcudart (holoscan links it), from NVIDIA's wheel of it.
-    step "base image $BASE: debootstrap (Debian 12 minbase) + libcudart.so.13"
-    rm -rf build/rootfs build/cudart
-    debootstrap --variant=minbase bookworm build/rootfs >/dev/null
-    .venv/bin/pip download --quiet --no-deps --only-binary=:all: -d build/cudart nvidia-cuda-runtime==13.0.96
-    mkdir -p build/rootfs/usr/local/cuda/lib64
-    .venv/bin/python -c 'import sys, zipfile; open(sys.argv[2], "wb").write(
-        zipfile.ZipFile(sys.argv[1]).read("nvidia/cu13/lib/libcudart.so.13"))' \
-        build/cudart/*.whl build/rootfs/usr/local/cuda/lib64/libcudart.so.13
-    echo /usr/local/cuda/lib64 >build/rootfs/etc/ld.so.conf.d/cuda.conf
-    chroot build/rootfs ldconfig
-    tar -C build/rootfs -c . | podman import - $BASE >/dev/null
-    rm -rf build/rootfs build/cudart
-fi
 step "wheelhouse"
 scripts/wheelhouse.sh
 step "podman build"
