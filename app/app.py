@@ -31,14 +31,15 @@ from app.settings import SamplingSettings, help_text, parse_settings
 from app.synthesis_operator import SamplingPlan, SynthesisOperator
 from meddpm.atomic import check_writable, unwritable_folder
 from meddpm.backends.in_process import in_process_denoiser
-from meddpm.backends.triton_client.options import LoopMode, RetryPolicy, Transport
+from meddpm.backends.triton_client.options import LoopMode, RetryPolicy, Transport, server_address
 from meddpm.dicom.options import DicomOptions, SegmentMap
-from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError
+from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError, ModelError
 from meddpm.imaging.formats import OutputFormat
 from meddpm.imaging.masks import MaskInput
-from meddpm.imaging.memory import check_fits
-from meddpm.mask_inputs import find_mask_inputs
+from meddpm.imaging.memory import check_fits, check_output_room
+from meddpm.mask_inputs import find_mask_inputs, keep_outputs_apart
 from meddpm.model.repository import ServedModel, find_model
+from meddpm.names import printable
 from meddpm.sampling.denoiser import Denoiser
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class SynthesisApp(Application):
             plan=job.plan,
             report=job.report,
             output_formats=job.output_formats,
+            output_folder=job.output_folder,
             server_loop=job.server_loop,
             name="synthesis",
         )
@@ -115,7 +117,13 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
         context = Application.init_app_context([argv[0], *sdk_args])
     except OSError as error:  # the SDK makes the output folder as it parses -o
         raise unwritable_folder(error.filename, error) from None
-    model = find_model(Path(context.model_path), settings.model_name, settings.preset)
+    except ValueError as error:  # the SDK reads every entry's config.pbtxt under -m, whether this run uses it or not
+        found = str(error).rstrip(".") + (f" ({error.__cause__})" if error.__cause__ else "")
+        raise ModelError(
+            f"model repository: {found}; the MONAI Deploy SDK reads the config.pbtxt of every entry, used or not: "
+            f"repair that entry (`python -m export` writes it) or move it out of the repository"
+        ) from None
+    model = find_model(Path(context.model_path), settings.model_name, settings.preset, settings.model_sha256)
     plan = SamplingPlan.resolve(settings, model)
     if settings.segment_map:
         settings.segment_map.check(model.preset)
@@ -126,9 +134,10 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
             "a PACS destination is set but the output format has no dicom; add "
             "--output-format nifti,dicom (MEDDPM_OUTPUT_FORMAT)"
         )
-    masks = find_mask_inputs(Path(context.input_path))
     output_folder = Path(context.output_path)
+    masks = keep_outputs_apart(Path(context.input_path), output_folder, find_mask_inputs(Path(context.input_path)))
     check_writable(output_folder)
+    check_output_room(output_folder)
     denoiser = make_denoiser(context.triton_server_netloc, model, settings)
     try:
         server_loop = make_server_loop(denoiser) if settings.triton_loop == LoopMode.SERVER else None
@@ -171,6 +180,8 @@ def make_exporter(settings: SamplingSettings) -> PacsExporter | None:
         calling_ae=settings.pacs_calling_ae,
         stow_url=settings.pacs_stow_url,
         retries=settings.pacs_retries,
+        timeout_s=settings.pacs_timeout,
+        deadline_s=settings.pacs_deadline,
         credentials=dicomweb_credentials() if settings.pacs_stow_url else None,
     )
 
@@ -178,16 +189,22 @@ def make_exporter(settings: SamplingSettings) -> PacsExporter | None:
 def make_denoiser(triton_url: str | None, model: ServedModel, settings: SamplingSettings) -> Denoiser:
     """The Triton server when an address is given (TRITON_SERVER_NETLOC / --triton-server-netloc), else in process."""
     if not triton_url:
-        check_fits(model.preset, min(settings.batch_size, settings.samples), model.onnx_path.stat().st_size)
-        return in_process_denoiser(
+        denoiser = in_process_denoiser(
             model.onnx_path, settings.backend, settings.precision, model.preset.schedule.timesteps, settings.threads
         )
+        try:  # the estimate is calibrated for the runtime that `auto` chose
+            batch = min(settings.batch_size, settings.samples)
+            check_fits(model.preset, batch, model.onnx_path.stat().st_size, denoiser.runtime)
+        except BaseException:
+            denoiser.close()
+            raise
+        return denoiser
     from meddpm.backends.triton_client.client import TritonDenoiser
 
     policy = RetryPolicy(deadline_s=settings.triton_deadline, window_s=settings.triton_retry_window)
     # The server-side loop moves no tensors per step: no shared memory to set up for it.
     transport = Transport.NETWORK if settings.triton_loop == LoopMode.SERVER else settings.triton_transport
-    return TritonDenoiser(triton_url, model, settings.triton_model, transport, policy)
+    return TritonDenoiser(server_address(triton_url), model, settings.triton_model, transport, policy)
 
 
 def make_server_loop(denoiser: Denoiser) -> TritonServerLoop:
@@ -233,11 +250,27 @@ def stop_on_signal(stop: threading.Event, interrupt: bool = False) -> None:
         signal.signal(sig, handler)
 
 
+def escape_log_messages() -> None:
+    """Escape the control characters of every log message, and log Python's warnings too (a library's warning may
+    quote input data): text from input data (a DICOM attribute, a file name) cannot start a line of its own."""
+    logging.captureWarnings(True)
+    make_record = logging.getLogRecordFactory()
+
+    def make_escaped_record(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        with contextlib.suppress(Exception):  # a malformed call is reported by logging itself, as it would be
+            record.msg, record.args = printable(record.getMessage()), None
+        return record
+
+    logging.setLogRecordFactory(make_escaped_record)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
+    escape_log_messages()
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
     interrupted = threading.Event()
     stop_on_signal(interrupted, interrupt=True)
@@ -247,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if not interrupted.is_set():
             if not isinstance(error, MedDDPMError):
                 raise
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {printable(str(error))}", file=sys.stderr)
             return error.exit_code
     if interrupted.is_set():
         print(f"error: {Interrupted.while_starting}", file=sys.stderr)

@@ -18,9 +18,9 @@ import meddpm
 from app.preview import write_preview
 from app.report import RunReport
 from app.synthesis_operator import Synthesis
-from meddpm.atomic import staged_folder, write_text
+from meddpm.atomic import staged_folder
 from meddpm.dicom.options import DicomOptions
-from meddpm.errors import PacsError
+from meddpm.errors import Interrupted, PacsError
 from meddpm.imaging.formats import OutputFormat
 from meddpm.model.repository import ServedModel
 from meddpm.model.tensors import IMAGE_RANGE
@@ -78,6 +78,7 @@ class OutputWriterOperator(Operator):
 
     def write(self, synthesis: Synthesis) -> Path:
         target = self._output_folder / synthesis.mask.name
+        not_stored = None
         with staged_folder(target) as staging:
             channels = self._model.preset.image.channels
             outputs, series = [], []
@@ -95,8 +96,10 @@ class OutputWriterOperator(Operator):
             write_preview(staging / "preview.png", synthesis.mask, synthesis.samples[0], channels)
             record = self._record(synthesis, outputs + ["preview.png"])
             (staging / "record.json").write_text(json.dumps(record, indent=2) + "\n")
-        if self._pacs is not None:
-            self._send(target, [[target / path for path in files] for files in series])
+            if self._pacs is not None:  # before the swap: only what this run wrote is sent
+                not_stored = self._send(staging, [[staging / path for path in files] for files in series])
+        if not_stored:
+            raise type(not_stored)(f"written to {target}, but not stored in the PACS: {not_stored}")
         return target
 
     def _write_dicom(self, staging: Path, synthesis: Synthesis) -> list[list[Path]]:
@@ -121,14 +124,15 @@ class OutputWriterOperator(Operator):
             provenance=provenance,
         )
 
-    def _send(self, target: Path, series: list[list[Path]]) -> None:
-        """Store the series in the PACS; pacs.json says what was stored, or why not."""
+    def _send(self, folder: Path, series: list[list[Path]]) -> PacsError | Interrupted | None:
+        """Store the series in the PACS; pacs.json in `folder` says what was stored, or why not (returned)."""
         try:
-            stored = self._pacs.store(series)
-        except PacsError as error:
-            write_text(target / "pacs.json", json.dumps({"error": str(error)}, indent=2) + "\n")
-            raise PacsError(f"written to {target}, but not stored in the PACS: {error}") from None
-        write_text(target / "pacs.json", json.dumps(stored, indent=2) + "\n")
+            stored = self._pacs.store(series, stop=self._report.stop)
+        except (PacsError, Interrupted) as error:
+            (folder / "pacs.json").write_text(json.dumps({"error": str(error)}, indent=2) + "\n")
+            return error
+        (folder / "pacs.json").write_text(json.dumps(stored, indent=2) + "\n")
+        return None
 
     def _write_nifti(self, path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
         if self._rescale is not None:
@@ -150,6 +154,7 @@ class OutputWriterOperator(Operator):
                 "preset": self._model.preset.to_dict(),
                 "checkpoint": dataclasses.asdict(manifest.checkpoint),
                 "onnx": dataclasses.asdict(manifest.onnx),
+                "manifest_sha256": self._model.manifest_sha256,  # what --model-sha256 pins
                 "verification_passed": manifest.verification_passed,
                 "sha256_verified": self._model.verified,
             },

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 
 from meddpm.errors import Interrupted, MedDDPMError, ServerError
+from meddpm.names import printable
 
 log = logging.getLogger(__name__)
 
@@ -45,5 +46,5 @@ class RunReport:
     def summary(self) -> str:
         lines = [f"{len(self.written)} mask(s) synthesised, {len(self.failed)} failed"]
         lines += [f"  {mask}: {folder}" for mask, folder in self.written.items()]
-        lines += [f"  FAILED {mask}: {reason}" for mask, reason in self.failed.items()]
+        lines += [f"  FAILED {printable(mask)}: {printable(reason)}" for mask, reason in self.failed.items()]
         return "\n".join(lines)

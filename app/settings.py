@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
@@ -18,7 +19,17 @@ from typing import Any
 from meddpm.backends.options import Backend, Precision
 from meddpm.backends.triton_client.options import LoopMode, RetryPolicy, Transport
 from meddpm.choices import parse_choice
-from meddpm.dicom.options import COPYABLE_ATTRIBUTES, CStoreDestination, IdentityPolicy, SegmentMap
+from meddpm.dicom.options import (
+    COPYABLE_ATTRIBUTES,
+    PACS_DEADLINE_S,
+    PACS_MAX_PAUSE_S,
+    PACS_TIMEOUT_S,
+    CStoreDestination,
+    IdentityPolicy,
+    SegmentMap,
+    ae_title,
+    check_stow_url,
+)
 from meddpm.errors import ConfigurationError
 from meddpm.imaging.formats import OutputFormat
 from meddpm.model.presets import Scheduler
@@ -90,10 +101,13 @@ def _positive(text: str) -> int:
     return value
 
 
+MAX_SECONDS = 86400.0  # a day: no wait of the app is meant to be longer
+
+
 def _seconds(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number of seconds")
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of seconds above 0 and at most {MAX_SECONDS:g}")
     return value
 
 
@@ -144,9 +158,23 @@ def _cstore(text: str) -> CStoreDestination:
 
 
 def _ae_title(text: str) -> str:
-    if not (0 < len(text) <= 16 and text.isascii() and "\\" not in text):
-        raise argparse.ArgumentTypeError(f"'{text}' is not an AE title (1 to 16 ASCII characters)")
-    return text
+    try:
+        return ae_title(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _stow_url(text: str) -> str:
+    try:
+        return check_stow_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _sha256(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a SHA-256 digest (64 hexadecimal digits)")
+    return text.lower()
 
 
 def _count(text: str) -> int:
@@ -159,6 +187,14 @@ def _count(text: str) -> int:
 SETTINGS = (
     Setting("model_name", "MEDDPM_MODEL", str, None, "model in the repository (default: the only one there)"),
     Setting("preset", "MEDDPM_PRESET", str, None, "refuse a model exported for any other preset"),
+    Setting(
+        "model_sha256",
+        "MEDDPM_MODEL_SHA256",
+        _sha256,
+        None,
+        "SHA-256 of the trusted model's manifest.json (a run's record.json: model.manifest_sha256): refuse any "
+        "other model (the manifest holds the graph's hash: this pins both)",
+    ),
     Setting(
         "scheduler",
         "MEDDPM_SCHEDULER",
@@ -275,7 +311,7 @@ SETTINGS = (
     Setting(
         "pacs_stow_url",
         "MEDDPM_PACS_STOW_URL",
-        str,
+        _stow_url,
         None,
         "DICOMweb base URL: send the DICOM series there by STOW-RS (credentials: MEDDPM_DICOMWEB_* variables only)",
     ),
@@ -284,7 +320,24 @@ SETTINGS = (
         "MEDDPM_PACS_RETRIES",
         _count,
         3,
-        "retries of a PACS transfer that failed for want of a connection (pauses 1, 2, 4 ... s)",
+        "retries of a PACS transfer that failed for want of a connection or an answer (pauses 1, 2, 4 ... s, "
+        f"at most {PACS_MAX_PAUSE_S:g} s)",
+    ),
+    Setting(
+        "pacs_timeout",
+        "MEDDPM_PACS_TIMEOUT",
+        _seconds,
+        PACS_TIMEOUT_S,
+        "seconds a PACS may stay silent (connecting, associating, storing one instance, one read of an HTTP "
+        "answer) before the try fails and is retried",
+    ),
+    Setting(
+        "pacs_deadline",
+        "MEDDPM_PACS_DEADLINE",
+        _seconds,
+        PACS_DEADLINE_S,
+        "seconds one mask's series may take to reach one PACS, all tries and pauses included; then the mask is "
+        "reported as written but not stored",
     ),
 )
 
@@ -293,6 +346,7 @@ SETTINGS = (
 class SamplingSettings:
     model_name: str | None = None
     preset: str | None = None
+    model_sha256: str | None = None
     scheduler: Scheduler | None = None
     steps: int | None = None
     seed: int | None = None
@@ -315,6 +369,8 @@ class SamplingSettings:
     pacs_calling_ae: str = "MEDDPM"
     pacs_stow_url: str | None = None
     pacs_retries: int = 3
+    pacs_timeout: float = PACS_TIMEOUT_S
+    pacs_deadline: float = PACS_DEADLINE_S
 
 
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> tuple[SamplingSettings, list[str]]:

@@ -7,6 +7,7 @@ import functools
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,10 +15,11 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from app.report import RunReport
 from app.settings import SamplingSettings
+from meddpm.errors import ModelError
 from meddpm.imaging.formats import OutputFormat
 from meddpm.imaging.geometry import ModelGrid, check_label_fit, condition_channels
 from meddpm.imaging.masks import LabelMask
-from meddpm.imaging.memory import check_mask_fits
+from meddpm.imaging.memory import check_mask_fits, check_mask_output_fits
 from meddpm.model.repository import ServedModel
 from meddpm.sampling.denoiser import Denoiser
 from meddpm.sampling.loop import sample
@@ -74,6 +76,7 @@ class SynthesisOperator(Operator):
         plan: SamplingPlan,
         report: RunReport,
         output_formats: tuple[OutputFormat, ...],
+        output_folder: Path,
         server_loop: TritonServerLoop | None = None,
         **kwargs,
     ):
@@ -83,6 +86,7 @@ class SynthesisOperator(Operator):
         self._denoiser = denoiser
         self._plan = plan
         self._output_formats = output_formats  # what the writer will hold in memory counts before sampling
+        self._output_folder = output_folder  # and what it will write, on that disk
         self._report = report
         self._server_loop = server_loop  # when set, the loop runs inside Triton instead of here
         super().__init__(fragment, *args, **kwargs)
@@ -100,8 +104,8 @@ class SynthesisOperator(Operator):
             op_output.emit(self.synthesise(mask), self.output_name_synthesis)
 
     def synthesise(self, mask: LabelMask) -> Synthesis:
-        """Sample the plan's seeds for one mask; a mask whose run cannot fit or whose labels do not reach the
-        network grid is refused before any work (InputError)."""
+        """Sample the plan's seeds for one mask; a mask whose run cannot fit in memory (InputError) or its outputs
+        on the disk (OutputError), or whose labels do not reach the network grid, is refused before any work."""
         preset, plan = self._model.preset, self._plan
         started = time.monotonic()
         grid = ModelGrid(mask.labels.shape, mask.affine, preset)
@@ -113,7 +117,9 @@ class SynthesisOperator(Operator):
             min(plan.batch_size, samples),
             self._model.onnx_path.stat().st_size if self._denoiser.in_process else None,
             self._output_formats,
+            self._denoiser.runtime if self._denoiser.in_process else None,
         )
+        check_mask_output_fits(mask.source, self._output_folder, grid, samples, self._output_formats)
         fit = grid.fit_labels(mask.labels)
         for warning in check_label_fit(mask.source, grid, fit):
             log.warning("%s", warning)
@@ -126,6 +132,12 @@ class SynthesisOperator(Operator):
             label = f"{mask.name} batch {number}/{len(batches)}"
             images.append(loop(condition, batch, preset, progress=StepProgress(label), stop=self._report.stop))
         sampled = time.monotonic()
+        if not all(np.isfinite(image).all() for image in images):
+            raise ModelError(
+                f"{self._model.onnx_path}: the model computed non-finite values (NaN or infinity), so nothing was "
+                f"written; re-run `python -m export` to export and verify it again (with --precision bf16 or mixed, "
+                f"try fp32)"
+            )
         volumes = [grid.image_from_network(image) for image in np.concatenate(images)]
         record = {
             "scheduler": plan.request.scheduler,

@@ -1,12 +1,14 @@
-"""Peak resident memory of the app synthesising one mask, beside the estimate the app checks it with.
+"""Peak memory of the app synthesising one mask, beside the estimate the app checks it with, per backend.
 
     python -m benchmarks.mask_memory --repository model_repository [--cases 32:6:1 256:0.75:8 32:48:1 ...]
+                                     [--backends onnxruntime openvino]
 
 Each case SIDE:VOXEL_MM:SAMPLES is a mask of SIDE³ voxels of VOXEL_MM (an ellipsoid head: brain and a tumour, always
-inside the model's field of view), synthesised by the app (DDIM, 2 steps, in process) in a fresh process that
-reports its peak resident memory (VmHWM). The figures calibrate the app's per-mask check (meddpm/memory.py:
-mask_memory_estimate): it prints the estimate beside each measurement. OMP_NUM_THREADS=1 measures one torch thread,
-on which MONAI's smoothing costs more.
+inside the model's field of view), synthesised by the app (DDIM, 2 steps, in process) with each backend in a fresh
+process that reports its peak resident memory (VmHWM) and peak virtual size (VmPeak: what an address-space limit
+counts). The figures calibrate the app's per-mask check (meddpm/imaging/memory.py: mask_memory_estimate): it prints
+the estimate beside each measurement. OMP_NUM_THREADS=1 measures one torch thread, on which MONAI's smoothing costs
+more.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def head_mask(side: int, voxel_mm: float) -> tuple[np.ndarray, np.ndarray]:
     return labels, affine
 
 
-def one_case(repository: str, side: int, voxel_mm: float, samples: int, formats: str) -> None:
+def one_case(repository: str, side: int, voxel_mm: float, samples: int, formats: str, backend: str) -> None:
     """Run in a fresh process: the app on one mask; print its peak memory as JSON."""
     from app.app import main as app_main
 
@@ -67,11 +69,14 @@ def one_case(repository: str, side: int, voxel_mm: float, samples: int, formats:
                 str(samples),
                 "--output-format",
                 formats,
+                "--backend",
+                backend,
             ]
         )
         seconds = time.perf_counter() - started
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    print(json.dumps({"exit_code": code, "peak_rss_mib": int(status["VmHWM"].split()[0]) / 1024, "seconds": seconds}))
+    peaks = {f"{key}_mib": int(status[key].split()[0]) / 1024 for key in ("VmHWM", "VmPeak")}
+    print(json.dumps({"exit_code": code, **peaks, "seconds": seconds}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,48 +84,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repository", default="model_repository")
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="SIDE:VOXEL_MM:SAMPLES")
     parser.add_argument("--output-format", default="nifti", help="as the app's --output-format")
+    parser.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"], help="as the app's --backend")
     parser.add_argument("--one-case", metavar="CASE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one_case:
         side, voxel_mm, samples = args.one_case.split(":")
-        return one_case(args.repository, int(side), float(voxel_mm), int(samples), args.output_format)
+        case = (int(side), float(voxel_mm), int(samples))
+        return one_case(args.repository, *case, args.output_format, args.backends[0])
     model = find_model(Path(args.repository))
     weights = model.onnx_path.stat().st_size
     print(f"model {model.name}, output {args.output_format}, DDIM 2 steps in process, one fresh process per case")
     print(
-        "| mask | voxel mm | resampled to | samples | peak RSS MiB (measured) | estimate MiB | estimate / measured "
-        "| s |"
+        "| mask | voxel mm | resampled to | samples | backend | peak RSS MiB | peak virtual MiB | estimate MiB "
+        "| estimate / measured | RSS / first backend's | s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases:
         side, voxel_mm, samples = case.split(":")
-        answer = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.mask_memory",
-                "--repository",
-                args.repository,
-                "--output-format",
-                args.output_format,
-                "--one-case",
-                case,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        figures = json.loads(answer.stdout.strip().splitlines()[-1])
-        if figures["exit_code"] != 0:
-            raise SystemExit(f"case {case}: the app exited with {figures['exit_code']}:\n{answer.stderr[-2000:]}")
         grid = ModelGrid((int(side),) * 3, head_mask(2, float(voxel_mm))[1], model.preset)
-        estimate = mask_memory_estimate(grid, int(samples), 1, weights, tuple(args.output_format.split(","))) / 2**20
-        print(
-            f"| {side}³ | {voxel_mm} | {'x'.join(map(str, grid.resampled_shape))} | {samples} | "
-            f"{figures['peak_rss_mib']:.0f} | {estimate:.0f} | {estimate / figures['peak_rss_mib']:.2f} | "
-            f"{figures['seconds']:.1f} |",
-            flush=True,
-        )
+        first = None
+        for backend in args.backends:
+            command = ["-m", "benchmarks.mask_memory", "--repository", args.repository, "--output-format"]
+            command += [args.output_format, "--backends", backend, "--one-case", case]
+            answer = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=True)
+            figures = json.loads(answer.stdout.strip().splitlines()[-1])
+            if figures["exit_code"] != 0:
+                raise SystemExit(f"case {case}: the app exited with {figures['exit_code']}:\n{answer.stderr[-2000:]}")
+            formats = tuple(args.output_format.split(","))
+            estimate = mask_memory_estimate(grid, int(samples), 1, weights, formats, backend) / 2**20
+            rss, first = figures["VmHWM_mib"], first or figures["VmHWM_mib"]
+            print(
+                f"| {side}³ | {voxel_mm} | {'x'.join(map(str, grid.resampled_shape))} | {samples} | {backend} | "
+                f"{rss:.0f} | {figures['VmPeak_mib']:.0f} | {estimate:.0f} | {estimate / rss:.2f} | "
+                f"{rss / first:.2f} | {figures['seconds']:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

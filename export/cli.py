@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> Manifest:
             onnx=GraphRecord(
                 "model.onnx",
                 sha256_of(onnx_path),
+                onnx_path.stat().st_size,
                 onnx_graph.OPSET,
                 INPUTS,
                 PREDICTED_NOISE,

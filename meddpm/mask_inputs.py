@@ -1,35 +1,40 @@
 """The masks an input path holds, each named for an output folder of its own.
 
 NIfTI masks are the file given, or the `*.nii` / `*.nii.gz` files of the folder given (not of its subfolders),
-each named for its file (`subj.nii.gz` -> `subj`); DICOM masks are found in the folder and all its subfolders
-and named without patient data (meddpm.dicom.reader, imported only when the input holds DICOM files). Only file
-headers are read here; `read_mask_input` reads one mask whole.
+each named for its file (`subj.nii.gz` -> `subj`); DICOM masks are found in the folder and its subfolders down
+to MAX_DEPTH levels (deeper ones are logged and skipped) and named without patient data (meddpm.dicom.reader,
+imported only when the input holds DICOM files). Only file headers are read here; `read_mask_input` reads one mask
+whole.
 
-A name must be usable, alone, as one folder inside the output folder. An input whose name is empty, `.` or `..`,
-hidden, longer than NAME_BYTES or holds control characters, inputs that would share a folder (`subj.nii` and
-`subj.nii.gz`), and files that cannot be read are kept as refused inputs: each fails alone when its turn comes,
-saying how to fix it, and the other masks go on. What looks like a mask but is skipped (an upper-case suffix, a
-broken link, not a regular file) and folders that cannot be searched are logged.
+A name must be usable, alone, as one folder inside the output folder: every name, NIfTI or DICOM, goes through
+meddpm.names. An input whose name cannot (empty, `.` or `..`, hidden, a separator, control characters, too long),
+NIfTI masks that would share a folder (`subj.nii` and `subj.nii.gz`), and files that cannot be read are kept as
+refused inputs: each fails alone when its turn comes, saying how to fix it, and the other masks go on. DICOM masks
+that would share a name (one SEG copied into two folders) get distinct names. What looks like a mask but is
+skipped (an upper-case suffix, a broken link, not a regular file) and folders that cannot be searched are logged.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meddpm.errors import InputError
+from meddpm.errors import ConfigurationError, InputError
 from meddpm.imaging.formats import NIFTI_SUFFIXES, is_dicom, is_nifti
-from meddpm.imaging.masks import LabelMask, MaskInput, MaskKind, mask_name, name_digest, read_mask
+from meddpm.imaging.masks import LabelMask, MaskInput, MaskKind, mask_name, read_mask
 from meddpm.model.presets import Preset
+from meddpm.names import name_digest, name_problem, printable
 
 if TYPE_CHECKING:
     from meddpm.dicom.options import SegmentMap
 
 log = logging.getLogger(__name__)
-NAME_BYTES = 200  # a folder name may have 255; the staging folder beside it adds up to 20 (meddpm.atomic)
+MAX_DEPTH = 64  # folder levels searched below an input folder
 
 
 def find_mask_inputs(path: Path) -> list[MaskInput]:
@@ -49,7 +54,41 @@ def find_mask_inputs(path: Path) -> list[MaskInput]:
         )
     else:
         raise InputError(f"{path}: no such file or folder; pass a NIfTI mask, a DICOM SEG, or a folder of them")
-    return _refuse_shared_names(inputs, path)
+    return _distinct_names([_refuse_unsafe_name(source) for source in inputs], path)
+
+
+def keep_outputs_apart(path: Path, output_folder: Path, inputs: list[MaskInput]) -> list[MaskInput]:
+    """Refuse an output folder inside the input folder (ConfigurationError): a second run would read the first's
+    DICOM series as masks. Refuse each mask whose output folder would hold input files: it would replace them."""
+    source, output = path.resolve(), output_folder.resolve()
+    if path.is_dir() and output.is_relative_to(source):
+        raise ConfigurationError(
+            f"the output folder {output_folder} lies inside the input folder {path}: a run would replace input "
+            f"files, and the next run would read this run's DICOM series as masks; choose an output folder "
+            f"(-o, HOLOSCAN_OUTPUT_PATH) outside the input"
+        )
+    targets = {output / mask.name for mask in inputs}
+    inside = collections.defaultdict(list)  # output folder -> the input files it holds
+    for file in {file.resolve() for mask in inputs for file in mask.files}:
+        for folder in file.parents:
+            if folder in targets:
+                inside[folder].append(printable(file.name))
+    kept = []
+    for mask in inputs:
+        held = sorted(inside[output / mask.name])
+        if mask.kind != MaskKind.REFUSED and held:
+            mask = MaskInput(
+                mask.name,
+                MaskKind.REFUSED,
+                mask.files,
+                (
+                    f"{printable(str(output_folder / mask.name))}: holds input files ({', '.join(held[:3])}), and "
+                    f"this mask's output would replace that folder whole; choose an output folder (-o, "
+                    f"HOLOSCAN_OUTPUT_PATH) outside the input"
+                ),
+            )
+        kept.append(mask)
+    return kept
 
 
 def read_mask_input(source: MaskInput, preset: Preset, segment_map: SegmentMap | None = None) -> LabelMask:
@@ -61,11 +100,6 @@ def read_mask_input(source: MaskInput, preset: Preset, segment_map: SegmentMap |
     from meddpm.dicom.reader import read_dicom_mask
 
     return read_dicom_mask(source, preset, segment_map)
-
-
-def printable(text: str) -> str:
-    """`text` with control characters escaped, safe for one log line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _file_input(path: Path) -> MaskInput:
@@ -84,9 +118,8 @@ def _file_input(path: Path) -> MaskInput:
 
 def _folder_inputs(folder: Path) -> list[MaskInput]:
     nifti, dicom, unreadable = [], [], []
-    for root, subfolders, files in os.walk(folder, onerror=_log_unsearchable):
-        subfolders.sort()
-        for name in sorted(files):
+    for root, files in _walk(folder):
+        for name in files:
             path = Path(root, name)
             if name.lower().endswith(NIFTI_SUFFIXES):
                 if path.parent == folder and _usable_nifti(path):
@@ -116,6 +149,31 @@ def _folder_inputs(folder: Path) -> list[MaskInput]:
     return [*nifti, *unreadable]
 
 
+def _walk(folder: Path) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, its file names) for `folder` and its subfolders down to MAX_DEPTH levels, in name order, as os.walk
+    gives them (links to folders are not followed) but without recursion: deeper folders are logged and skipped."""
+    stack = [(folder, 0)]
+    while stack:
+        current, depth = stack.pop()
+        try:
+            with os.scandir(current) as scan:
+                entries = [(entry, entry.is_dir()) for entry in sorted(scan, key=lambda entry: entry.name)]
+        except OSError as error:
+            _log_unsearchable(error)
+            continue
+        yield current, [entry.name for entry, is_folder in entries if not is_folder]
+        subfolders = [entry for entry, is_folder in entries if is_folder and not entry.is_symlink()]
+        if subfolders and depth == MAX_DEPTH:
+            log.warning(
+                "%s: its subfolders lie more than %d levels below the input folder and are not searched for "
+                "masks; move the masks nearer to the input folder",
+                printable(str(current)),
+                MAX_DEPTH,
+            )
+            continue
+        stack += [(Path(entry.path), depth + 1) for entry in reversed(subfolders)]
+
+
 def _usable_nifti(path: Path) -> bool:
     """Whether a file named like a NIfTI mask is one to read; logs why not."""
     why = (
@@ -133,41 +191,35 @@ def _usable_nifti(path: Path) -> bool:
 
 
 def _nifti_input(path: Path) -> MaskInput:
-    name = mask_name(path)
-    problem = _name_problem(name)
-    if problem:
-        return MaskInput(
-            printable(path.name),
-            MaskKind.REFUSED,
-            (path,),
-            (
-                f"{printable(str(path))}: {problem}, which cannot name its output folder; rename the file (letters, "
-                f"digits, '-', '_' and '.' are safe)"
-            ),
-        )
-    return MaskInput(name, MaskKind.NIFTI, (path,))
+    return MaskInput(mask_name(path), MaskKind.NIFTI, (path,))
 
 
-def _name_problem(name: str) -> str | None:
-    if not name:
-        return "the name is empty before its suffix"
-    if name in (".", ".."):
-        return f"the name is '{name}'"
-    if name.startswith("."):
-        return "the name starts with '.' (hidden, and the app's own staging folders are named so)"
-    if not name.isprintable():
-        return "the name holds control characters"
-    if len(os.fsencode(name)) > NAME_BYTES:
-        return f"the name is longer than {NAME_BYTES} bytes"
-    return None
+def _refuse_unsafe_name(source: MaskInput) -> MaskInput:
+    """The one check of every name taken from input data, NIfTI or DICOM, before it names an output folder."""
+    problem = None if source.kind == MaskKind.REFUSED else name_problem(source.name)
+    if problem is None:
+        return source
+    return MaskInput(
+        printable(source.files[0].name),
+        MaskKind.REFUSED,
+        source.files,
+        (
+            f"{printable(str(source.files[0]))}: {problem}, which cannot name its output folder; rename the file "
+            f"(letters, digits, '-', '_' and '.' are safe)"
+        ),
+    )
 
 
-def _refuse_shared_names(inputs: list[MaskInput], root: Path) -> list[MaskInput]:
-    """Inputs that would write the same output folder are all refused: none may overwrite another."""
+def _distinct_names(inputs: list[MaskInput], root: Path) -> list[MaskInput]:
+    """One output folder per mask. NIfTI masks that would share one (`subj.nii`, `subj.nii.gz`) are all refused:
+    none may overwrite another, and only the user can choose new names. A DICOM mask's name is the app's own: one
+    that another mask already has (the same SEG copied into two folders) gets a digest of its path added."""
     counts = collections.Counter(i.name for i in inputs if i.kind != MaskKind.REFUSED)
-    refused = []
+    named = []
     for source in inputs:
-        if source.kind != MaskKind.REFUSED and counts[source.name] > 1:
+        if source.kind in (MaskKind.SEG, MaskKind.LABEL_MAP) and counts[source.name] > 1:
+            source = dataclasses.replace(source, name=f"{source.name}_{name_digest(str(source.files[0]))}")
+        elif source.kind == MaskKind.NIFTI and counts[source.name] > 1:
             others = [printable(str(i.files[0])) for i in inputs if i.name == source.name and i is not source]
             label = printable(str(source.files[0].relative_to(root) if root.is_dir() else source.files[0].name))
             source = MaskInput(
@@ -179,8 +231,8 @@ def _refuse_shared_names(inputs: list[MaskInput], root: Path) -> list[MaskInput]
                     f"{', '.join(others)}; rename one of them so that each mask gets a folder of its own"
                 ),
             )
-        refused.append(source)
-    return refused
+        named.append(source)
+    return named
 
 
 def _log_unsearchable(error: OSError) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Iterator
+
+from meddpm.errors import Interrupted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,3 +32,11 @@ class Backoff:
             yield pause
             retries += 1
             pause = min(2 * pause, self.max_s)
+
+
+def wait(seconds: float, stop: threading.Event | None, what: str) -> None:
+    """Sleep `seconds`; when `stop` is set (Ctrl-C, SIGTERM), raise Interrupted at once, saying `what` it ended."""
+    if stop is None:
+        time.sleep(seconds)
+    elif stop.wait(seconds):
+        raise Interrupted(f"stopped by Ctrl-C or SIGTERM while {what}")

@@ -31,6 +31,8 @@ def native_bf16() -> bool:
 
 
 class OpenVinoDenoiser(Denoiser):
+    runtime = "openvino"
+
     def __init__(self, onnx_path: Path, precision: Precision, timesteps: int, threads: int = 0):
         self.core = ov.Core()
         capabilities = self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")

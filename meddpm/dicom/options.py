@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
+import urllib.parse
 from enum import StrEnum
 
 from meddpm.errors import ConfigurationError
 from meddpm.model.presets import Preset
+
+PACS_TIMEOUT_S = 30.0  # a PACS silent this long (connecting, answering the association, an instance, a read)
+PACS_DEADLINE_S = 300.0  # one mask's series to one PACS: all tries and the pauses between them
+PACS_MAX_PAUSE_S = 30.0  # the retry pauses double from 1 s up to this
+HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
 
 
 class IdentityPolicy(StrEnum):
@@ -82,6 +90,43 @@ class SegmentMap:
             )
 
 
+def is_host(text: str) -> bool:
+    """A host name or an IP address."""
+    try:
+        return bool(HOST_NAME.fullmatch(text) or ipaddress.ip_address(text))
+    except ValueError:
+        return False
+
+
+def ae_title(text: str) -> str:
+    """An AE title as DICOM PS3.5 defines it: 1 to 16 ASCII characters, no control character and no backslash,
+    not all spaces."""
+    if not (0 < len(text) <= 16 and text.strip(" ") and all(" " <= c <= "~" and c != "\\" for c in text)):
+        raise ValueError(
+            f"{text!a} is not an AE title: 1 to 16 ASCII letters, digits, spaces or punctuation, "
+            f"no backslash, not all spaces (e.g. MEDDPM)"
+        )
+    return text
+
+
+def check_stow_url(text: str) -> str:
+    """A DICOMweb base URL, http(s)://HOST[:PORT][/PATH]; the URL is not repeated in the error (it may hold a
+    password)."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(
+            f"not a URL ({error}); give http(s)://HOST[:PORT]/PATH, e.g. http://pacs:8042/dicom-web"
+        ) from None
+    if parts.scheme not in ("http", "https") or not is_host(parts.hostname or "") or port == 0:
+        raise ValueError(
+            "not an http(s) URL of a DICOMweb service; give http(s)://HOST[:PORT]/PATH with a port from 1 to "
+            "65535, e.g. http://pacs:8042/dicom-web"
+        )
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class CStoreDestination:
     ae_title: str
@@ -91,11 +136,11 @@ class CStoreDestination:
     @classmethod
     def parse(cls, text: str) -> CStoreDestination:
         """AE@HOST:PORT, e.g. ORTHANC@pacs.example.org:4242."""
-        ae_title, at, address = text.rpartition("@")
+        called, at, address = text.rpartition("@")
         host, colon, port = address.rpartition(":")
-        if not (at and colon and ae_title and host and port.isdigit()) or len(ae_title) > 16:
-            raise ValueError(f"'{text}' is not AE@HOST:PORT (AE title at most 16 characters), e.g. ORTHANC@pacs:4242")
-        return cls(ae_title, host, int(port))
+        if not (at and colon and is_host(host) and port.isascii() and port.isdigit() and 0 < int(port) < 2**16):
+            raise ValueError(f"{text!a} is not AE@HOST:PORT with a port from 1 to 65535, e.g. ORTHANC@pacs:4242")
+        return cls(ae_title(called), host, int(port))
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,25 +22,31 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from meddpm.dicom.options import SegmentMap
 from meddpm.errors import InputError
 from meddpm.imaging.geometry import LPS_TO_RAS, check_affine
 from meddpm.imaging.masks import (
     MAX_SIDE,
+    MAX_VOXELS,
     LabelMask,
     MaskInput,
     MaskKind,
     check_label_values,
     integer_labels,
-    name_digest,
 )
 from meddpm.model.presets import Preset
+from meddpm.names import dicom_mask_name, name_digest, printable
 
 log = logging.getLogger(__name__)
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+MAX_SEG_PIXELS = 8 * MAX_VOXELS  # in all frames of a SEG: 1 GiB decoded at a byte a pixel, as 512^3 float64
+LABEL_MAP_BITS = (8, 16, 32)  # bits allocated a pixel of a label-map slice
+MAX_INFLATED_BYTES = MAX_SEG_PIXELS + 2**24  # a deflated file: the largest SEG accepted, and its headers
+_PREAMBLE_BYTES, _GROUP_LENGTH_BYTES = 132, 12  # 'DICM' after 128 bytes; then (0002,0000) UL, explicit VR
 POSITION_RTOL = 0.01  # slice positions may deviate by 1% of the spacing
 # Attributes of the input kept in memory for the output's identity policy (meddpm.dicom.writer); never logged.
 SOURCE_ATTRIBUTES = (
@@ -77,15 +84,38 @@ class DicomLabelMask(LabelMask):
     dicom: DicomSource
 
 
+def read_dicom(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    """pydicom's dcmread, but a deflated file is refused when it inflates beyond MAX_INFLATED_BYTES: pydicom
+    inflates the whole file, pixels too, even when asked to stop before them."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        with path.open("rb") as file:
+            file.seek(_PREAMBLE_BYTES + _GROUP_LENGTH_BYTES + int(meta.FileMetaInformationGroupLength))
+            while not inflater.eof and (chunk := file.read(2**20)):
+                while chunk and inflated <= MAX_INFLATED_BYTES:
+                    inflated += len(out := inflater.decompress(chunk, 2**24))
+                    chunk = inflater.unconsumed_tail if out else b""  # nothing out: it needs more input, or ended
+                if inflated > MAX_INFLATED_BYTES:
+                    raise InputError(
+                        f"{printable(str(path))}: its deflated data inflate to more than {MAX_INFLATED_BYTES} bytes, "
+                        f"beyond any mask accepted; crop or downsample it, or send it uncompressed"
+                    )
+    return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+
+
 def group_dicom(files: list[Path]) -> list[MaskInput]:
     """SEG instances, or else image series; unreadable files become refused inputs that fail alone."""
     segs, series, unreadable, series_numbers = [], defaultdict(list), [], {}
     for path in files:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = read_dicom(path, stop_before_pixels=True)
             if ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
                 continue  # a DICOMDIR indexes the files; they are found anyway
             sop_class, series_uid = str(ds.SOPClassUID), str(ds.SeriesInstanceUID)
+        except InputError as error:
+            unreadable.append(MaskInput(f"unreadable_{name_digest(str(path))}", MaskKind.REFUSED, (path,), str(error)))
+            continue
         except Exception as error:  # pydicom raises many types for a damaged file
             detail = (
                 "no SOP Class UID or Series Instance UID"
@@ -97,26 +127,24 @@ def group_dicom(files: list[Path]) -> list[MaskInput]:
                     f"unreadable_{name_digest(str(path))}",
                     MaskKind.REFUSED,
                     (path,),
-                    (f"{path}: cannot be read as DICOM ({detail}); replace the file with an intact copy"),
+                    f"{printable(str(path))}: cannot be read as DICOM ({detail}); replace the file with an intact copy",
                 )
             )
             continue
         if sop_class == SEG_SOP_CLASS:
             segs.append(
-                MaskInput(
-                    f"seg_{ds.get('SeriesNumber') or ''}_{name_digest(str(ds.SOPInstanceUID))}", MaskKind.SEG, (path,)
-                )
+                MaskInput(dicom_mask_name("seg", ds.get("SeriesNumber"), str(ds.SOPInstanceUID)), MaskKind.SEG, (path,))
             )
         elif "Rows" in ds:
             series[series_uid].append(path)
-            series_numbers[series_uid] = ds.get("SeriesNumber") or ""
+            series_numbers[series_uid] = ds.get("SeriesNumber")
         else:
-            log.info("%s: not an image or SEG (SOP class %s), ignored", path, sop_class)
+            log.info("%s: not an image or SEG (SOP class %s), ignored", printable(str(path)), printable(sop_class))
     if segs and series:
         log.info("ignored %d image series: the input has %d DICOM SEG(s), which are the masks", len(series), len(segs))
         return [*segs, *unreadable]
     label_maps = [
-        MaskInput(f"labelmap_{series_numbers[uid]}_{name_digest(uid)}", MaskKind.LABEL_MAP, tuple(paths))
+        MaskInput(dicom_mask_name("labelmap", series_numbers[uid], uid), MaskKind.LABEL_MAP, tuple(paths))
         for uid, paths in series.items()
     ]
     return [*segs, *label_maps, *unreadable]
@@ -124,6 +152,8 @@ def group_dicom(files: list[Path]) -> list[MaskInput]:
 
 def read_dicom_mask(source: MaskInput, preset: Preset, segment_map: SegmentMap | None) -> DicomLabelMask:
     """Read and validate one DICOM mask for `preset` (raises InputError naming the file and what is accepted)."""
+    if source.problem:
+        raise InputError(source.problem)
     if source.kind == MaskKind.SEG:
         labels, affine, datasets = _read_seg(source.files[0], preset, segment_map)
         where = str(source.files[0])
@@ -146,7 +176,7 @@ def _read_seg(
     path: Path, preset: Preset, segment_map: SegmentMap | None
 ) -> tuple[np.ndarray, np.ndarray, list[Dataset]]:
     try:
-        _check_seg_size(pydicom.dcmread(path, stop_before_pixels=True), path)
+        _check_seg_size(read_dicom(path, stop_before_pixels=True), path)
         seg = hd.seg.segread(path)
     except InputError:
         raise
@@ -174,7 +204,8 @@ def _read_seg(
 
 
 def _check_seg_size(header: Dataset, path: Path) -> None:
-    """Refuse, before any pixel is decoded, an empty SEG or one whose size is beyond limits or beyond its pixel data."""
+    """Refuse, before any pixel is decoded, an empty SEG or one whose size is beyond limits or, stored uncompressed,
+    beyond its pixel data."""
     frames, segments = int(header.get("NumberOfFrames") or 0), len(header.get("SegmentSequence") or [])
     rows, columns, bits = int(header.get("Rows") or 0), int(header.get("Columns") or 0), int(header.BitsAllocated)
     if frames < 1 or segments < 1 or rows < 1 or columns < 1:
@@ -182,13 +213,15 @@ def _check_seg_size(header: Dataset, path: Path) -> None:
             f"{path}: the SEG is empty ({frames} frames, {segments} segments, {rows}x{columns} pixels); "
             f"export the segmentation again with at least one labelled slice"
         )
-    if max(rows, columns) > MAX_SIDE or frames > MAX_SIDE * segments:
+    if max(rows, columns) > MAX_SIDE or frames > MAX_SIDE * segments or rows * columns * frames > MAX_SEG_PIXELS:
         raise InputError(
             f"{path}: {rows}x{columns} pixels in {frames} frames is beyond what is accepted (at most "
-            f"{MAX_SIDE} a side and {MAX_SIDE} frames a segment); crop or downsample the segmentation"
+            f"{MAX_SIDE} a side, {MAX_SIDE} frames a segment and {MAX_SEG_PIXELS} pixels in all frames); crop "
+            f"or downsample the segmentation, or export only the segments the model uses"
         )
+    syntax = header.file_meta.TransferSyntaxUID
     needed = -(-rows * columns * frames * bits // 8)
-    if not header.file_meta.TransferSyntaxUID.is_encapsulated and needed > path.stat().st_size:
+    if not (syntax.is_encapsulated or syntax.is_deflated) and needed > path.stat().st_size:
         raise InputError(
             f"{path}: Rows, Columns and Number of Frames ({rows}x{columns}x{frames}) need {needed} bytes "
             f"of pixel data, but the file has {path.stat().st_size} bytes; the header does not match its "
@@ -226,16 +259,13 @@ def _segments_to_labels(
 
 
 def _read_label_map(files: tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray, list[Dataset]]:
+    """Labels, affine and slice headers of a label-map series: all headers are checked before any pixel is decoded."""
     datasets: list[Dataset] = []
     for path in files:
         try:
-            ds: Dataset = pydicom.dcmread(path)
-            ds.pixel_array  # noqa: B018 (decodes now, so that a damaged file is named here)
+            ds: Dataset = read_dicom(path, stop_before_pixels=True)
         except Exception as error:
-            raise InputError(
-                f"{path}: cannot be read as a DICOM image ({type(error).__name__}: {error}); replace "
-                f"the file with an intact copy"
-            ) from None
+            raise _unreadable_image(path, error) from None
         if int(ds.get("NumberOfFrames") or 1) > 1:
             raise InputError(
                 f"{path}: a multi-frame image is not read as a label map; send a DICOM SEG, or the label "
@@ -247,8 +277,9 @@ def _read_label_map(files: tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray, li
         datasets.append(ds)
     first = datasets[0]
     where = f"label-map series in {files[0].parent}"
+    _check_label_map_size(where, first, len(files))
     for ds, path in zip(datasets, files):
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns) or not (
+        if _pixel_format(ds) != _pixel_format(first) or not (
             np.allclose(ds.ImageOrientationPatient, first.ImageOrientationPatient, atol=1e-4)
             and np.allclose(ds.PixelSpacing, first.PixelSpacing, rtol=1e-4)
         ):
@@ -263,7 +294,7 @@ def _read_label_map(files: tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray, li
     normal = np.cross(row, column)
     positions = np.array([np.asarray(ds.ImagePositionPatient, float) for ds in datasets])
     order = np.argsort(positions @ normal)
-    datasets, positions = [datasets[i] for i in order], positions[order]
+    datasets, paths, positions = [datasets[i] for i in order], [files[i] for i in order], positions[order]
     if len(datasets) < 2:
         raise InputError(f"{where}: has one slice; a 3-D label map needs at least two")
     distances = np.diff(positions @ normal)
@@ -290,13 +321,49 @@ def _read_label_map(files: tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray, li
         positions, positions[0] + np.outer(np.arange(len(positions)), slice_step), atol=POSITION_RTOL * step
     ):
         raise InputError(f"{where}: slice positions do not lie on one straight line; the slices must be one stack")
-    values = np.stack([np.asarray(apply_modality_lut(ds.pixel_array, ds)).T for ds in datasets], axis=-1)
-    labels = integer_labels(where, values)
+    labels = np.empty((first.Columns, first.Rows, len(paths)), np.uint8)
+    for index, path in enumerate(paths):  # one slice decoded at a time, straight into uint8 labels
+        try:
+            ds = read_dicom(path)
+            values = np.asarray(apply_modality_lut(ds.pixel_array, ds))
+        except Exception as error:
+            raise _unreadable_image(path, error) from None
+        labels[:, :, index] = integer_labels(path, values).T
     spacing_row, spacing_column = (float(v) for v in first.PixelSpacing)  # between rows, between columns
     affine = np.eye(4)
     affine[:3, 0], affine[:3, 1], affine[:3, 2] = row * spacing_column, column * spacing_row, slice_step
     affine[:3, 3] = positions[0]
     return labels, affine, datasets
+
+
+def _pixel_format(ds: Dataset) -> tuple[int, ...]:
+    """Rows, Columns, Bits Allocated, Samples per Pixel (0 where absent, but one sample where unsaid)."""
+    return (
+        *(int(ds.get(keyword) or 0) for keyword in ("Rows", "Columns", "BitsAllocated")),
+        int(ds.get("SamplesPerPixel") or 1),
+    )
+
+
+def _check_label_map_size(where: str, first: Dataset, slices: int) -> None:
+    """Refuse, from the headers, a label map whose size or pixel type is beyond what is accepted."""
+    rows, columns, bits, samples = _pixel_format(first)
+    if min(rows, columns) < 1 or max(rows, columns, slices) > MAX_SIDE or rows * columns * slices > MAX_VOXELS:
+        raise InputError(
+            f"{where}: {columns}x{rows} pixels in {slices} slices is beyond what is accepted (1 to {MAX_SIDE} "
+            f"a side and at most {MAX_VOXELS} voxels in all); crop or downsample the label map"
+        )
+    if bits not in LABEL_MAP_BITS or samples != 1:
+        raise InputError(
+            f"{where}: {samples} samples of {bits} bits a pixel; a label-map slice holds one value of "
+            f"{', '.join(map(str, LABEL_MAP_BITS))} bits a pixel (a grey-level image, not RGB)"
+        )
+
+
+def _unreadable_image(path: Path, error: Exception) -> InputError:
+    return InputError(
+        f"{path}: cannot be read as a DICOM image ({type(error).__name__}: {error}); replace the file with an "
+        f"intact copy"
+    )
 
 
 def _slices_along_normal(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import io
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import Opener
 
 from meddpm.errors import InputError
 from meddpm.imaging.formats import is_nifti
@@ -18,6 +19,8 @@ from meddpm.model.presets import Preset
 
 MAX_SIDE = 1024  # voxels per axis
 MAX_VOXELS = 512**3  # refused before any voxel is read
+MAX_HEADER_BYTES = 2**24  # NIfTI header and extensions before the voxels
+SLAB_VOXELS = 2**22  # NIfTI voxels read at a time: 32 MiB of float64
 
 
 class MaskKind(StrEnum):
@@ -50,33 +53,45 @@ def mask_name(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii")
 
 
-def name_digest(text: str) -> str:
-    """A short digest that names an output folder without the text it comes from (UIDs, paths)."""
-    return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:8]
-
-
 def read_mask(path: Path, preset: Preset) -> LabelMask:
-    """Load and validate one label mask for `preset` (raises InputError naming the file)."""
+    """Load and validate one label mask for `preset` (raises InputError naming the file).
+
+    Shape, voxel type and header size are checked from the stored header before anything else is read; the
+    voxels are then read a slab at a time into uint8 labels, so that no float or wide copy of the volume is made.
+    """
     if not is_nifti(path):
         raise InputError(f"{path}: not a NIfTI file; masks must be .nii or .nii.gz label volumes")
     try:
-        image: Any = nib.load(path)  # a Nifti1Image or Nifti2Image (nibabel's stubs say FileBasedImage)
-        with image.file_map["image"].get_prepare_fileobj("rb") as stored:  # unchecked: nibabel makes 0 mm 1 mm
-            stored_header = type(image.header).from_fileobj(stored, check=False)
+        header = _stored_header(path)
+        shape, datatype = tuple(int(s) for s in header.get_data_shape()), header.get_value_label("datatype")
+        kind, offset = header.get_data_dtype().kind, header.get_data_offset()
     except Exception as error:  # nibabel raises many types for a damaged file
         raise InputError(f"{path}: cannot be read as NIfTI ({type(error).__name__}: {error})") from None
-    shape = tuple(int(s) for s in image.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(f"{path}: has {len(shape)} dimensions {shape}; a label mask must be one 3-D volume (X, Y, Z)")
-    if max(shape) > MAX_SIDE or int(np.prod(shape)) > MAX_VOXELS:
+    if min(shape) < 1 or max(shape) > MAX_SIDE or int(np.prod(shape)) > MAX_VOXELS:
         raise InputError(
-            f"{path}: size {shape} is beyond what is accepted (at most {MAX_SIDE} voxels a side and "
+            f"{path}: size {shape} is beyond what is accepted (1 to {MAX_SIDE} voxels a side and at most "
             f"{MAX_VOXELS} in all); crop or downsample the mask"
         )
-    pixdim = stored_header["pixdim"][1:4]
-    if stored_header.get_sform(coded=True)[1] == 0 and not np.all(np.isfinite(pixdim) & (pixdim != 0)):
+    if kind not in "uif" or header.get_data_dtype().itemsize > 8:
+        raise InputError(
+            f"{path}: voxel type {datatype} is not accepted; a label mask holds integer labels, stored as an "
+            f"integer type (uint8 is best) or a float type of at most 8 bytes: save it as uint8"
+        )
+    if offset > MAX_HEADER_BYTES:
+        raise InputError(
+            f"{path}: the header says its voxels start after {offset} bytes of header extensions; at most "
+            f"{MAX_HEADER_BYTES} are accepted: save the mask without its header extensions"
+        )
+    try:
+        image: Any = nib.load(path, mmap=False, keep_file_open=True)  # one open stream for all slabs
+    except Exception as error:
+        raise InputError(f"{path}: cannot be read as NIfTI ({type(error).__name__}: {error})") from None
+    pixdim = header["pixdim"][1:4]  # as stored: nibabel's loaded header makes 0 mm 1 mm
+    if header.get_sform(coded=True)[1] == 0 and not np.all(np.isfinite(pixdim) & (pixdim != 0)):
         raise InputError(
             f"{path}: the header's voxel size (pixdim) is {pixdim.tolist()} mm and no sform gives one; "
             f"write the real voxel size in mm into pixdim, e.g. copy the header of the image the mask "
@@ -84,26 +99,51 @@ def read_mask(path: Path, preset: Preset) -> LabelMask:
         )
     affine = np.asarray(image.affine, dtype=np.float64)
     check_affine(path, affine)
-    try:
-        data = np.asanyarray(image.dataobj).reshape(shape)
-    except Exception as error:
-        raise InputError(f"{path}: voxel data cannot be read ({type(error).__name__}: {error})") from None
-    labels = integer_labels(path, data)
+    labels = _read_labels(path, image.dataobj, shape)
     check_label_values(path, labels, preset)
     return LabelMask(mask_name(path), labels, affine, str(path))
 
 
+def _stored_header(path: Path) -> Any:
+    """The NIfTI-1 or -2 header as stored (nibabel's loaded one repairs some fields), without its extensions."""
+    with Opener(str(path), "rb") as stored:
+        block = stored.read(nib.Nifti2Header.sizeof_hdr)
+    for header_class in (nib.Nifti1Header, nib.Nifti2Header):
+        if header_class.may_contain_header(block):
+            return header_class.from_fileobj(io.BytesIO(block[: header_class.sizeof_hdr]), check=False)
+    raise ValueError("no NIfTI-1 or NIfTI-2 header")
+
+
+def _read_labels(path: Path, stored: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The voxels of `stored` (nibabel's proxy) as uint8 labels, read and checked SLAB_VOXELS at a time."""
+    labels = np.empty(shape, np.uint8)
+    step = max(1, SLAB_VOXELS // (shape[0] * shape[1]))
+    for start in range(0, shape[2], step):
+        try:
+            slab = np.asarray(stored[:, :, start : start + step]).reshape(shape[0], shape[1], -1)
+        except Exception as error:
+            raise InputError(f"{path}: voxel data cannot be read ({type(error).__name__}: {error})") from None
+        labels[:, :, start : start + step] = integer_labels(path, slab)
+    return labels
+
+
 def integer_labels(path: Path | str, data: np.ndarray) -> np.ndarray:
-    if not np.issubdtype(data.dtype, np.number):
-        raise InputError(f"{path}: voxel type {data.dtype} is not numeric; a label mask holds integer labels")
-    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-        bad = np.unique(data[~np.isfinite(data) | (data != np.round(data))])[:5]
+    """`data` as uint8 labels; InputError unless it is of a real number type and holds integers 0..255 only."""
+    if data.dtype.kind not in "uif":
         raise InputError(
-            f"{path}: holds non-integer values (e.g. {', '.join(f'{v:g}' for v in bad)}); a label mask holds "
-            f"integer labels only (is this an image rather than a mask?)"
+            f"{path}: voxel type {data.dtype} is not a real number type; a label mask holds integer labels"
         )
-    if data.min() < 0 or data.max() > 255:
-        raise InputError(f"{path}: label values range {data.min():g}..{data.max():g}; labels must be 0..255")
+    if data.dtype.kind == "f":
+        odd = ~np.isfinite(data) | (data != np.round(data))
+        if odd.any():
+            bad = np.unique(data[odd])[:5]
+            raise InputError(
+                f"{path}: holds non-integer values (e.g. {', '.join(f'{v:g}' for v in bad)}); a label mask holds "
+                f"integer labels only (is this an image rather than a mask?)"
+            )
+    if data.size and (data.min() < 0 or data.max() > 255):
+        value = data.min() if data.min() < 0 else data.max()
+        raise InputError(f"{path}: holds the label value {value:g}; labels must be 0..255")
     return data.astype(np.uint8)
 
 

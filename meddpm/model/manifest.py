@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,8 @@ from meddpm.errors import ModelError
 from meddpm.model.presets import Preset
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 3  # 3: the sampler's code is the sampling core alone, its files listed
+MANIFEST_FORMAT = 4  # 4: the graph's size recorded; 3: the sampler's code is the sampling core alone, its files listed
+MANIFEST_BYTES = 1 << 20  # a manifest is a few kB: a larger file is not one
 # The export's hashes in each entry's config.pbtxt `parameters` (what a client can ask a server for): the ONNX
 # graph a UNet entry serves (for _trt, the graph its plan was built from), and the sampler's copy of the sampling
 # core; each is the `sha256` of a manifest record.
@@ -37,6 +41,7 @@ class CheckpointRecord:
 class GraphRecord:
     file: str
     sha256: str
+    size: int  # bytes: a read of the file stops there, before it is hashed
     opset: int
     inputs: tuple[str, ...]
     output: str
@@ -77,8 +82,15 @@ class Manifest:
     @classmethod
     def read(cls, path: Path) -> Manifest:
         """The manifest at `path`; ModelError saying to re-export when it is missing, older or malformed."""
+        return cls.parse(read_regular(path, MANIFEST_BYTES, "manifest"), path)
+
+    @classmethod
+    def parse(cls, text: bytes, path: Path) -> Manifest:
+        """The manifest read from `path` (named in the ModelError)."""
         try:
-            data = json.loads(path.read_text())
+            if len(text) > MANIFEST_BYTES:
+                raise ValueError(f"more than {MANIFEST_BYTES} bytes")
+            data = json.loads(text)
             if data.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
             preset = data["preset"]
@@ -87,21 +99,52 @@ class Manifest:
                 checkpoint=_record(CheckpointRecord, data["checkpoint"]),
                 onnx=_record(GraphRecord, data["onnx"]),
                 sampler_package=_record(SamplerCodeRecord, data["sampler_package"]),
-                verification=dict(data["verification"]),
+                verification=_verification(data["verification"]),
                 versions=dict(data["versions"]),
                 created=str(data["created"]),
                 triton_model=str(data.get("triton_model", "")),
             )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ModelError(f"{path}: unreadable manifest ({error}); re-run `python -m export`") from None
 
 
+def _verification(values: dict[str, Any]) -> dict[str, Any]:
+    """The export's verification: `passed` a boolean, the tolerance and errors finite numbers, its cases a list."""
+    if not isinstance(values.get("passed"), bool):
+        raise TypeError(f"verification 'passed' is {values.get('passed')!r}, not true or false")
+    for key in ("tolerance", "max_abs_error", "max_relative_error"):
+        value = values.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise TypeError(f"verification {key!r} is {value!r}, not a finite number")
+    if not isinstance(values.get("cases"), list) or not values["cases"]:
+        raise TypeError("verification 'cases' is not a list of the cases run")
+    return dict(values)
+
+
 def _record(kind: type, values: dict[str, Any]) -> Any:
-    """A record from its JSON object: every field present, sha256 a string, lists as tuples."""
+    """A record from its JSON object: every field present, sha256 a string, size a count, lists as tuples."""
     fields = {f.name for f in dataclasses.fields(kind)}
     if "sha256" in fields and not isinstance(values.get("sha256"), str):
         raise TypeError(f"{kind.__name__} sha256 is not a string")
+    if "size" in fields and not (type(values.get("size")) is int and values["size"] >= 0):
+        raise TypeError(f"{kind.__name__} size is not a number of bytes")
     return kind(**{name: tuple(values[name]) if isinstance(values[name], list) else values[name] for name in fields})
+
+
+def read_regular(path: Path, limit: int, what: str) -> bytes:
+    """The first `limit` + 1 bytes of the regular file `path` (more than `limit`: the caller refuses it); ModelError
+    for anything else. A FIFO or device is refused unread: opened non-blocking, a FIFO never holds the open up."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(descriptor, "rb") as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise ModelError(
+                    f"{path}: the {what} is not a regular file (a FIFO, device or folder); re-run `python -m export`"
+                )
+            return file.read(limit + 1)
+    except OSError as error:
+        raise ModelError(f"{path}: cannot read the {what} ({error.strerror}); re-run `python -m export`") from None
 
 
 def sha256_of(path: Path) -> str:

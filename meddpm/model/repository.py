@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meddpm.errors import ConfigurationError, ModelError
-from meddpm.model.manifest import MANIFEST, ONNX_SHA256, Manifest, sha256_of
+from meddpm.model.manifest import MANIFEST, MANIFEST_BYTES, ONNX_SHA256, Manifest, read_regular
 from meddpm.model.presets import Preset
-from meddpm.model.tensors import CONDITION, NOISY_IMAGE, sample_shapes
+from meddpm.model.tensors import DTYPE, INPUTS, PREDICTED_NOISE, graph_shapes
 
 if TYPE_CHECKING:
+    import onnx
     from tritonclient.grpc import model_config_pb2 as mc
 
 # Other entries exported for the same model (see export/repository.py): the graph on the python backend, a
 # TensorRT plan, the server-side sampling loop.
 CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX = "_cpu", "_trt", "_sampler"
 VARIANT_SUFFIXES = (CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX)
+CONFIG_BYTES = 1 << 20  # a config.pbtxt is a few kB
+PINNED_BY = "--model-sha256 (MEDDPM_MODEL_SHA256)"  # the setting that pins the manifest a site trusts
 
 
 @dataclasses.dataclass
@@ -26,6 +30,7 @@ class ServedModel:
     name: str
     folder: Path
     manifest: Manifest
+    manifest_sha256: str  # of the file read: an edited manifest has another
     verified: dict[str, str] = dataclasses.field(default_factory=dict)  # hashes checked before the first step
 
     @property
@@ -54,8 +59,11 @@ class ServedModel:
         self.verified[f"{where}, config parameter {parameter}"] = found
 
 
-def find_model(repository: Path, name: str | None = None, expected_preset: str | None = None) -> ServedModel:
-    """The model `name` of a repository (or the only one), checked against its manifest and graph."""
+def find_model(
+    repository: Path, name: str | None = None, expected_preset: str | None = None, expected_sha256: str | None = None
+) -> ServedModel:
+    """The model `name` of a repository (or the only one), checked against its manifest and graph; with
+    `expected_sha256`, its manifest must be the file of that digest (a model the site pinned)."""
     if not repository.is_dir():
         raise ModelError(f"{repository}: no such model repository; create one with `python -m export`")
     if (repository / "config.pbtxt").exists():  # pointed at one model's folder
@@ -81,7 +89,7 @@ def find_model(repository: Path, name: str | None = None, expected_preset: str |
     for entry in entries:  # the model's entries, as Triton would load them
         if _base_name(entry) == name:
             read_config(repository / entry)
-    model = _load(repository / name)
+    model = _load(repository / name, expected_sha256)
     if expected_preset and model.preset.name != expected_preset:
         raise ModelError(
             f"{model.folder}: model '{name}' was exported for preset '{model.preset.name}', not '{expected_preset}'; "
@@ -96,9 +104,12 @@ def read_config(folder: Path) -> mc.ModelConfig:
     from tritonclient.grpc import model_config_pb2 as mc
 
     path = folder / "config.pbtxt"
+    text = read_regular(path, CONFIG_BYTES, "model config")
     try:
-        config = text_format.Parse(path.read_text(), mc.ModelConfig())
-    except (OSError, text_format.ParseError) as error:
+        if len(text) > CONFIG_BYTES:
+            raise ValueError(f"more than {CONFIG_BYTES} bytes")
+        config = text_format.Parse(text, mc.ModelConfig())
+    except (ValueError, text_format.ParseError) as error:
         raise ModelError(f"{path}: unreadable model config ({error}); re-run `python -m export`") from None
     if config.name and config.name != folder.name:
         raise ModelError(
@@ -115,43 +126,97 @@ def _base_name(name: str) -> str:
     return name
 
 
-def _load(folder: Path) -> ServedModel:
-    model = ServedModel(folder.name, folder, Manifest.read(folder / "1" / MANIFEST))
-    _check_graph(model)
-    _check_onnx_hash(model)
+def _load(folder: Path, expected_sha256: str | None) -> ServedModel:
+    path = folder / "1" / MANIFEST
+    text = read_regular(path, MANIFEST_BYTES, "manifest")
+    digest = hashlib.sha256(text).hexdigest()
+    if expected_sha256 and digest != expected_sha256:
+        raise ModelError(
+            f"{path}: SHA-256 {digest}, but {PINNED_BY} pins {expected_sha256}: this is not the model this site "
+            f"trusts (the manifest was edited, or the repository holds another export); point -m at the pinned "
+            f"export, or pin this one with its digest (`sha256sum {path}`) once it is trusted"
+        )
+    model = ServedModel(folder.name, folder, Manifest.parse(text, path), digest)
+    if expected_sha256:
+        model.verified[str(path)] = digest
+    verification = model.manifest.verification
+    if not verification["passed"]:
+        raise ModelError(
+            f"{path}: the export's verification did not pass (max relative error "
+            f"{verification['max_relative_error']:.2e} > tolerance {verification['tolerance']:.0e}): the graph does "
+            f"not compute what the checkpoint does; re-run `python -m export`"
+        )
+    _check_graph(model, _read_graph(model))
     return model
 
 
-def _check_graph(model: ServedModel) -> None:
-    """The graph's inputs must have the channel counts the preset feeds it."""
+def _read_graph(model: ServedModel) -> bytes:
+    """The graph's bytes, hashed before anything parses them: a file changed since export (weights edited, copied
+    over) is refused, one larger than the manifest states without reading more of it."""
+    path, record = model.onnx_path, model.manifest.onnx
+    data = read_regular(path, record.size, "ONNX graph")
+    changed = (
+        "the graph changed after export (weights edited, or another file copied over it); re-run `python -m export` "
+        "to export and verify the model again"
+    )
+    if len(data) > record.size:
+        raise ModelError(f"{path}: larger than the {record.size} bytes {model.manifest_path} states: {changed}")
+    found = hashlib.sha256(data).hexdigest()
+    if found != record.sha256:
+        raise ModelError(f"{path}: SHA-256 {found}, but {model.manifest_path} states {record.sha256}: {changed}")
+    model.verified[str(path)] = found
+    return data
+
+
+def _check_graph(model: ServedModel, data: bytes) -> None:
+    """The graph's and the manifest's tensors must be the contract's (meddpm.model.tensors): the inputs in order and
+    the output, float32, each of the rank and channels the manifest's preset needs."""
     import onnx  # here: a heavy import, needed only for this check
 
+    path, preset = model.onnx_path, model.preset
     try:
-        graph = onnx.load(str(model.onnx_path), load_external_data=False).graph
+        graph = onnx.load_from_string(data).graph
     except Exception as error:
+        raise ModelError(f"{path}: unreadable ONNX graph ({error}); re-run `python -m export`") from None
+    contract = f"the tensor contract ({', '.join(INPUTS)} -> {PREDICTED_NOISE})"
+    record = model.manifest.onnx
+    if (tuple(record.inputs), record.output) != (INPUTS, PREDICTED_NOISE):
         raise ModelError(
-            f"{model.onnx_path}: missing or unreadable ONNX graph ({error}); re-run `python -m export`"
-        ) from None
-    found = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    shapes = sample_shapes(model.preset)
-    for tensor in (NOISY_IMAGE, CONDITION):
-        channels = shapes[tensor][0]
-        dims = found.get(tensor)
-        if dims is None or len(dims) != 5 or dims[1] != channels:
-            raise ModelError(
-                f"{model.onnx_path}: input '{tensor}' is {dims}, but preset '{model.preset.name}' in the manifest "
-                f"needs [batch, {channels}, depth, height, width]; the graph and manifest do not belong together: "
-                f"re-run `python -m export`"
-            )
-
-
-def _check_onnx_hash(model: ServedModel) -> None:
-    """The graph must be the one exported: a file changed since (weights edited, copied over) is refused."""
-    found, expected = sha256_of(model.onnx_path), model.manifest.onnx.sha256
-    if found != expected:
-        raise ModelError(
-            f"{model.onnx_path}: SHA-256 {found}, but {model.manifest_path} states {expected}: the graph changed "
-            f"after export (weights edited, or another file copied over it); re-run `python -m export` to export "
-            f"and verify the model again"
+            f"{model.manifest_path}: records the tensors {', '.join(record.inputs)} -> {record.output}, not "
+            f"{contract}; re-run `python -m export`"
         )
-    model.verified[str(model.onnx_path)] = found
+    inputs, outputs = [t.name for t in graph.input], [t.name for t in graph.output]
+    if (inputs, outputs) != (list(INPUTS), [PREDICTED_NOISE]):
+        raise ModelError(
+            f"{path}: takes {', '.join(inputs) or 'nothing'} and returns {', '.join(outputs) or 'nothing'}, not "
+            f"{contract}; re-run `python -m export`"
+        )
+    shapes = graph_shapes(preset)
+    for kind, tensors in (("input", graph.input), ("output", graph.output)):
+        for tensor in tensors:
+            dtype, dims = _signature(tensor)
+            shape = shapes[tensor.name]
+            if dtype != DTYPE or len(dims) != len(shape) or any(s is not None and d != s for d, s in zip(dims, shape)):
+                raise ModelError(
+                    f"{path}: {kind} '{tensor.name}' is {dtype} {_shown(dims)}, but preset '{preset.name}' in the "
+                    f"manifest needs {DTYPE} {_shown(shape)}; the graph and manifest do not belong together: re-run "
+                    f"`python -m export`"
+                )
+
+
+def _signature(tensor: onnx.ValueInfoProto) -> tuple[str, list[int | str | None]]:
+    """A graph tensor's element type (numpy's name) and dimensions (a size, a symbolic name, or None: unknown)."""
+    import onnx
+
+    kind = tensor.type.tensor_type
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type).name
+    except KeyError:
+        dtype = "untyped"
+    return dtype, [d.dim_value or d.dim_param or None for d in kind.shape.dim]
+
+
+def _shown(dims: Sequence[int | str | None]) -> str:
+    """Dimensions as [batch, 2, depth, height, width]: a free one by its role."""
+    roles = ("batch", "channels", "depth", "height", "width") + ("?",) * len(dims)
+    return f"[{', '.join(str(role if d is None else d) for d, role in zip(dims, roles))}]"

@@ -13,6 +13,7 @@ NOISY_IMAGE, CONDITION, TIMESTEP = "noisy_image", "condition", "timestep"
 PREDICTED_NOISE = "predicted_noise"
 INPUTS = (NOISY_IMAGE, CONDITION, TIMESTEP)  # in the order of the graph's inputs
 IMAGE_RANGE = (-1.0, 1.0)  # intensities the model was trained on and produces
+DTYPE = "float32"  # every tensor's element type
 
 
 def sample_shapes(preset: Preset) -> dict[str, tuple[int, ...]]:
@@ -23,4 +24,15 @@ def sample_shapes(preset: Preset) -> dict[str, tuple[int, ...]]:
         CONDITION: (preset.condition_channels, *grid),
         TIMESTEP: (1,),
         PREDICTED_NOISE: (preset.out_channels, *grid),
+    }
+
+
+def graph_shapes(preset: Preset) -> dict[str, tuple[int | None, ...]]:
+    """Each tensor's shape in the ONNX graph, the inputs in their order then the output; None where the graph takes
+    any size (the batch, the grid's sides)."""
+    return {
+        NOISY_IMAGE: (None, preset.out_channels, None, None, None),
+        CONDITION: (None, preset.condition_channels, None, None, None),
+        TIMESTEP: (None,),
+        PREDICTED_NOISE: (None, preset.out_channels, None, None, None),
     }

@@ -25,6 +25,7 @@ class Denoiser(abc.ABC):
 
     name: str = "denoiser"
     in_process: bool = True  # the UNet runs in this process (its memory counts in this process's estimate)
+    runtime: str = "onnxruntime"  # in process: whose calibration of the memory estimate applies (imaging.memory)
 
     @abc.abstractmethod
     def conditioned(self, condition: np.ndarray) -> AbstractContextManager[NoisePredictor]:

@@ -88,6 +88,7 @@ def test_each_mask_is_synthesised_on_its_own_grid_and_a_bad_one_is_reported(demo
         mask_image = nib.load(masks / source)
         folder = out / name
         assert sorted(p.name for p in folder.iterdir()) == [
+            ".meddpm-output.json",
             "preview.png",
             "record.json",
             "sample_0.nii.gz",

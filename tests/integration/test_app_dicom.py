@@ -64,7 +64,12 @@ def test_app_synthesises_dicom_masks_and_reports_bad_ones(demo_repository, phant
     folders = sorted(p.name for p in out.iterdir())
     assert len(folders) == 2 and "plain" in folders and folders[1].startswith("seg_50_"), folders
     for folder in folders:
-        assert sorted(p.name for p in (out / folder).iterdir()) == ["dicom", "preview.png", "record.json"]
+        assert sorted(p.name for p in (out / folder).iterdir()) == [
+            ".meddpm-output.json",
+            "dicom",
+            "preview.png",
+            "record.json",
+        ]
         files = sorted((out / folder / "dicom" / "sample_0_T1").iterdir())
         assert len(files) == 32
         for path in files:

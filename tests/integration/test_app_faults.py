@@ -4,6 +4,7 @@ before any sampling with its exit code, and a full disk or a signal at start-up 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,9 @@ def test_a_mask_never_touches_anything_outside_its_own_output_folder(demo_reposi
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "1 mask(s) synthesised, 5 failed" in result.stdout
-    assert contents(out) == sorted([*before, "ok", "ok/preview.png", "ok/record.json", "ok/sample_0.nii.gz"])
+    assert contents(out) == sorted(
+        [*before, "ok", "ok/.meddpm-output.json", "ok/preview.png", "ok/record.json", "ok/sample_0.nii.gz"]
+    )
     assert (out / "earlier" / "sample_0.nii.gz").read_text() == "an earlier result"
     assert (elsewhere / "keep").read_text() == "precious" and (out / "linked").is_symlink()
     assert "the name is empty before its suffix" in output and "shares its output folder name 'subj'" in output
@@ -58,7 +61,8 @@ def test_a_mask_never_touches_anything_outside_its_own_output_folder(demo_reposi
 
 
 def test_a_full_disk_is_named_and_leaves_nothing_behind(demo_repository, phantom, tmp_path):
-    """The output folder is a 48 KiB tmpfs (a private mount namespace): the first NIfTI does not fit."""
+    """The output folder is a 48 KiB tmpfs (a private mount namespace): the mask's outputs do not fit, and it is
+    refused before it is sampled (a write that fails all the same: tests/unit/test_atomic.py)."""
     write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
     out = tmp_path / "out"
     out.mkdir()
@@ -73,8 +77,13 @@ def test_a_full_disk_is_named_and_leaves_nothing_behind(demo_repository, phantom
         timeout=600,
     )
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "cannot be written (No space left on device); free space" in result.stdout
+    assert re.search(
+        r"FAILED head: .*head.nii.gz: its outputs \(1 sample\(s\) of 32x32x32 voxels as nifti\) may take up to "
+        r"1.\d MiB, but .*out's file system has 4\d KiB free; free space",
+        result.stdout,
+    ), result.stdout
     assert "internal error" not in result.stdout + result.stderr
+    assert "step 1/2" not in result.stdout + result.stderr  # refused before sampling
     assert result.stdout.splitlines()[-1].startswith("  FAILED head")  # `ls -A` of the tmpfs printed nothing
 
 

@@ -196,6 +196,8 @@ def test_job_points_at_the_service(manifests):
     mounted = {m["mountPath"] for m in container["volumeMounts"]}
     for name in ("HOLOSCAN_INPUT_PATH", "HOLOSCAN_OUTPUT_PATH", "HOLOSCAN_MODEL_PATH"):
         assert any(env[name].startswith(path) for path in mounted), name
+    # pods share the data volume: each shard reads and writes folders of its own, never another pod's
+    assert env["HOLOSCAN_INPUT_PATH"].endswith("$(SHARD)") and env["HOLOSCAN_OUTPUT_PATH"].endswith("$(SHARD)")
 
 
 def test_deployment_files_named_in_the_readmes_exist():

@@ -13,22 +13,30 @@ from pathlib import Path
 
 import pytest
 
-from meddpm.atomic import remove_leftovers, staged_folder
+from meddpm.atomic import OWNER_MARK, OwnerMark, Writer, remove_leftovers, staged_folder
 from meddpm.errors import OutputError
 from tests.conftest import REPO
 
 # A writer that swaps versions of one folder into place until killed; each version holds two files with one token.
+# While another writer that started first is writing, it is refused, and tries again.
 WRITER = """
 import sys, uuid
 from pathlib import Path
 from meddpm.atomic import staged_folder
+from meddpm.errors import OutputError
 target, swaps = Path(sys.argv[1]), int(sys.argv[2])
-for _ in range(swaps):
-    with staged_folder(target) as staging:
-        token = uuid.uuid4().hex
-        (staging / "a").write_text(token)
-        (staging / "b").write_text(token)
-print("done", flush=True)
+written = refused = 0
+while written < swaps:
+    try:
+        with staged_folder(target) as staging:
+            token = uuid.uuid4().hex
+            (staging / "a").write_text(token)
+            (staging / "b").write_text(token)
+        written += 1
+    except OutputError as error:
+        assert "another run" in str(error), error
+        refused += 1
+print("done", written, refused, flush=True)
 """
 
 # A writer that fills its staging folder and then waits, holding it, until killed.
@@ -107,6 +115,7 @@ def test_concurrent_writers_always_leave_one_whole_version_in_place(tmp_path):
     reader.join()
     assert [w.returncode for w in writers] == [0] * 4, [err[-2000:] for _, err in results]
     assert reader.failures == [] and reader.reads > 0
+    assert sum(int(out.split()[2]) for out, _ in results) > 0, "no writer was ever refused: nothing was concurrent"
     assert version(target) != "first" and leftovers(target.parent) == []
 
 
@@ -165,3 +174,69 @@ def test_a_full_disk_is_named_and_nothing_is_left_behind(tmp_path):
         with staged_folder(target) as staging:
             raise OSError(errno.ENOSPC, "No space left on device", str(staging / "big.bin"))
     assert not target.exists() and leftovers(tmp_path) == []
+
+
+def test_a_folder_the_app_did_not_write_is_refused_and_left_whole(tmp_path):
+    target = tmp_path / "phantom_00"
+    target.mkdir()
+    (target / "raw_T1.txt").write_text("the user's")
+    with pytest.raises(OutputError, match=r"phantom_00: holds files this app did not write there \(raw_T1.txt\)"):
+        write_version(target, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phantom_00"]
+    assert (target / "raw_T1.txt").read_text() == "the user's"
+
+
+def test_an_output_the_user_added_a_file_to_is_refused_until_it_is_moved_away(tmp_path):
+    target = tmp_path / "subj"
+    write_version(target, "first")
+    assert OwnerMark.read(target).files == ("a", "b")
+    (target / "empty").touch()  # an empty file carries no data: no reason to refuse
+    write_version(target, "second")
+    (target / "notes" / "deep").mkdir(parents=True)
+    (target / "notes" / "deep" / "thesis.txt").write_text("precious")
+    with pytest.raises(OutputError, match=r"notes/deep/thesis.txt"):
+        write_version(target, "third")
+    assert version(target) == "second" and leftovers(tmp_path) == []
+    (target / "notes" / "deep" / "thesis.txt").unlink()
+    write_version(target, "third")
+    assert version(target) == "third"
+
+
+def test_a_users_folder_named_like_a_staging_folder_is_not_a_leftover(tmp_path):
+    backup = tmp_path / ".thesis.partial-backup"
+    backup.mkdir()
+    (backup / "chapter1.tex").write_text("precious")
+    (tmp_path / ".empty.partial-x").mkdir()  # empty: a writer killed before its mark; nothing to lose
+    assert remove_leftovers(tmp_path) == [".empty.partial-x"]
+    write_version(tmp_path / "thesis", "first")
+    assert (backup / "chapter1.tex").read_text() == "precious"
+
+
+def test_another_hosts_staging_folder_is_neither_removed_nor_overwritten(tmp_path):
+    """On shared storage (NFS, a ReadWriteMany volume) a writer on another host cannot be checked with a lock: its
+    staging folder counts as a live writer's, so the same target is refused, naming the folder to remove."""
+    other = tmp_path / ".subj.partial-pod1"
+    other.mkdir()
+    OwnerMark(Writer("another-host", 7, 0)).write(other)
+    (other / "a").write_text("pod 1 is writing")
+    assert remove_leftovers(tmp_path) == []
+    with pytest.raises(OutputError, match=r"another run \(process 7 on host another-host.*remove .*partial-pod1"):
+        write_version(tmp_path / "subj", "pod 2")
+    assert (other / "a").read_text() == "pod 1 is writing" and not (tmp_path / "subj").exists()
+    write_version(tmp_path / "other", "another name is free")
+
+
+def test_a_second_writer_of_one_target_is_refused_while_the_first_writes(tmp_path):
+    target = tmp_path / "subj"
+    holder = start(HOLDER, target)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(OutputError, match="another run .* is writing it"):
+            write_version(target, "second")
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        write_version(target, "second")
+        assert version(target) == "second" and leftovers(tmp_path) == []
+        assert (target / OWNER_MARK).is_file()
+    finally:
+        holder.kill()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from meddpm.errors import InputError
-from meddpm.mask_inputs import NAME_BYTES, find_mask_inputs
+from meddpm.mask_inputs import find_mask_inputs
+from meddpm.names import NAME_BYTES
 
 
 def nifti(path):
@@ -90,3 +91,72 @@ def test_an_input_path_that_is_no_file_or_folder_to_read_is_refused(tmp_path, ki
         unreadable(path)
     with pytest.raises(InputError, match="neither a regular file nor a folder|cannot be read"):
         find_mask_inputs(path)
+
+
+def label_map_series(folder, series_number: bytes, uid_seed: int):
+    """A small label-map series whose Series Number holds `series_number` as stored, valid or not."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+
+    from meddpm.dicom.phantoms import image_series, oblique_affine
+    from tests.dicom_samples import save, study
+
+    labels = np.zeros((8, 8, 4), np.uint16)
+    labels[2:6, 2:6, 1:3] = 1
+    series = image_series(labels, oblique_affine(labels.shape, 6.0), study(), 3 + uid_seed, "labels")
+    for ds in series:
+        ds[0x00200011] = RawDataElement(pydicom.tag.Tag(0x00200011), "IS", len(series_number), series_number, 0, 1, 1)
+    return save(series, folder, "slice")
+
+
+@pytest.mark.parametrize(
+    "series_number",
+    [b"1/../../ESCAPED", b"2\n[INFO] FORGED: wrote /etc ", b"..", b"\\x", b"7" * 40, b"3\0", b"-4"],
+)
+def test_a_dicom_attribute_never_names_a_folder_outside_its_own(tmp_path, series_number):
+    label_map_series(tmp_path / "in", series_number, 0)
+    [mask] = find_mask_inputs(tmp_path / "in")
+    assert mask.problem is None and mask.name.startswith("labelmap_")
+    assert (tmp_path / "out" / mask.name).parent == tmp_path / "out" and mask.name.isprintable()
+    assert "ESCAPED" not in mask.name and "FORGED" not in mask.name
+
+
+def test_a_well_formed_series_number_still_names_the_folder(tmp_path):
+    label_map_series(tmp_path / "in", b"12", 0)
+    assert find_mask_inputs(tmp_path / "in")[0].name.startswith("labelmap_12_")
+
+
+def test_the_same_dicom_mask_in_two_folders_gets_two_names(tmp_path, phantom):
+    """One SEG copied into two folders (one SOP Instance UID): the user cannot rename it, so the app does."""
+    from tests.dicom_samples import save
+
+    *_, seg = phantom
+    save([seg], tmp_path / "in" / "a", "seg")
+    save([seg], tmp_path / "in" / "b", "seg")
+    inputs = find_mask_inputs(tmp_path / "in")
+    assert [i.problem for i in inputs] == [None, None]
+    assert len({i.name for i in inputs}) == 2 and all(i.name.startswith("seg_") for i in inputs)
+
+
+def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
+    from meddpm.errors import ConfigurationError
+    from meddpm.mask_inputs import keep_outputs_apart
+
+    (tmp_path / "d").mkdir()
+    nifti(tmp_path / "d" / "phantom_00.nii.gz")
+    inputs = find_mask_inputs(tmp_path / "d")
+    for output in (tmp_path / "d", tmp_path / "d" / "out"):
+        with pytest.raises(ConfigurationError, match="lies inside the input folder"):
+            keep_outputs_apart(tmp_path / "d", output, inputs)
+    assert keep_outputs_apart(tmp_path / "d", tmp_path / "out", inputs) == inputs
+
+
+def test_a_mask_whose_output_folder_holds_input_files_is_refused(tmp_path):
+    """-i data/sub-01/sub-01.nii.gz -o data: the output folder data/sub-01 is the input's own folder."""
+    from meddpm.mask_inputs import keep_outputs_apart
+
+    (tmp_path / "data" / "sub-01").mkdir(parents=True)
+    mask = nifti(tmp_path / "data" / "sub-01" / "sub-01.nii.gz")
+    [refused] = keep_outputs_apart(mask, tmp_path / "data", find_mask_inputs(mask))
+    assert refused.problem and "sub-01: holds input files (sub-01.nii.gz)" in refused.problem
+    assert "outside the input" in refused.problem

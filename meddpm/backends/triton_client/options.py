@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from enum import StrEnum
 
+from meddpm.errors import ConfigurationError
 from meddpm.retry import Backoff
 
 
@@ -33,3 +35,15 @@ class RetryPolicy:
     @property
     def backoff(self) -> Backoff:
         return Backoff(self.first_backoff_s, self.max_backoff_s, window_s=self.window_s)
+
+
+def server_address(netloc: str) -> str:
+    """HOST:PORT of a Triton server's gRPC endpoint (TRITON_SERVER_NETLOC), checked before anything waits on it."""
+    if not (
+        re.fullmatch(r"(?:[\w.-]+|\[[\w:.%]+\]):\d{1,5}", netloc, re.ASCII) and 0 < int(netloc.rsplit(":")[-1]) < 2**16
+    ):
+        raise ConfigurationError(
+            f"TRITON_SERVER_NETLOC / --triton-server-netloc {netloc!a} is not HOST:PORT with a port from 1 to "
+            f"65535, e.g. localhost:8001 or [::1]:8001"
+        )
+    return netloc

@@ -1,0 +1,67 @@
+"""The app refuses, before sampling, a run that the limits it runs under cannot hold: its address space
+(`ulimit -v`), its output disk."""
+
+from __future__ import annotations
+
+import re
+import resource
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+
+from benchmarks.mask_memory import head_mask
+from meddpm.imaging.phantoms import make_phantom
+from tests.conftest import REPO
+from tests.integration.test_app import write_mask
+
+FAST = ("--scheduler", "ddim", "--steps", "2", "--seed", "1")
+SAMPLING = re.compile(r"step \d+/\d+")
+
+
+def test_a_mask_beyond_the_address_space_limit_is_refused_before_sampling(demo_repository, tmp_path):
+    """512^3 voxels, 4 samples, under `ulimit -v` 4.5 GB: it used to pass the check (free memory only) and die
+    with a MemoryError after sampling."""
+    nib.save(nib.Nifti1Image(*head_mask(512, 0.375)), tmp_path / "big.nii.gz")
+    command = [sys.executable, "-m", "app", "-i", tmp_path / "big.nii.gz", "-o", tmp_path / "out"]
+    command += ["-m", demo_repository, *FAST, "--samples", "4", "--backend", "onnxruntime"]
+    result = subprocess.run(
+        list(map(str, command)),
+        cwd=REPO,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (4_500_000_000, 4_500_000_000)),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert re.search(
+        r"FAILED big: .*big.nii.gz: 4 sample\(s\) of this mask need about \d+\.\d GiB in this process .* but the "
+        r"address-space limit \(ulimit -v\) allows it \d+\.\d GiB; ",
+        result.stdout,
+    ), output
+    assert "raise or lift `ulimit -v`" in result.stdout
+    assert not SAMPLING.search(output) and "MemoryError" not in output and "internal error" not in output
+
+
+def test_an_output_disk_that_cannot_hold_any_mask_is_refused_at_once(demo_repository, tmp_path):
+    """An 8 KiB tmpfs (a private mount namespace): refused before the model is loaded, exit 2."""
+    mask, _ = make_phantom(np.random.default_rng(31), (32, 32, 32), 6.0)
+    write_mask(tmp_path / "head.nii.gz", mask, np.diag([6.0, 6.0, 6.0, 1.0]))
+    out = tmp_path / "out"
+    out.mkdir()
+    script = 'mount -t tmpfs -o size=8k tmpfs "$1" && shift && "$@"'
+    command = [sys.executable, "-m", "app", "-i", tmp_path / "head.nii.gz", "-o", out, "-m", demo_repository, *FAST]
+    result = subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh", out, *map(str, command)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert f"{out}: its file system has 8 KiB free, less than any mask's outputs need (at least 16 KiB)" in output
+    assert "free space, or choose another output folder (-o, HOLOSCAN_OUTPUT_PATH)" in output
+    assert not SAMPLING.search(output) and "Traceback" not in output
