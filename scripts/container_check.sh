@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the application image from the repository's Dockerfile on a local Debian 12 base and run it here:
-# export the demo model inside the container, synthesise a phantom head with the app's defaults (ONNX Runtime
+# export the demo model inside the container, synthesise a phantom head with the app's defaults (OpenVINO
 # in process, DDPM 250 steps, seed 1), and check the result against the same run outside the container; then
 # run the container against a Triton server on this host with shared memory across the container boundary,
 # as the compose stack's app does, and check that result too.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up .venv, export the committed demo checkpoint into
 # model_repository/, write two phantom head masks into demo_input/, and synthesise an MRI for each
-# with the app's embedded default (ONNX Runtime in process). Results land in output/demo/<mask>/.
+# with the app's embedded default (OpenVINO in process on a CPU). Results land in output/demo/<mask>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -1,1 +1,2 @@
-"""The denoisers behind `meddpm.sampling.denoiser.Denoiser`: ONNX Runtime in process, PyTorch, Triton."""
+"""The denoisers behind `meddpm.sampling.denoiser.Denoiser`: OpenVINO (the CPU default) and ONNX Runtime (CUDA) in
+process, PyTorch, Triton."""

@@ -1,4 +1,5 @@
-"""The exported graph in process, with ONNX Runtime: the app's default denoiser."""
+"""The exported graph in process, with ONNX Runtime: what `--backend auto` runs on a GPU (CUDA); on a CPU it runs
+OpenVINO (meddpm.backends.in_process)."""
 
 from __future__ import annotations
 

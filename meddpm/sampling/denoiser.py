@@ -1,5 +1,5 @@
-"""One denoiser interface, whatever runs the UNet (meddpm.backends: ONNX Runtime in process, PyTorch, Triton; BLS
-inside Triton).
+"""One denoiser interface, whatever runs the UNet (meddpm.backends: OpenVINO or ONNX Runtime in process, PyTorch,
+Triton; BLS inside Triton).
 
 A denoiser predicts the noise in a batch of noisy images. The condition is fixed for a whole sampling run, so the
 loop binds it once (`with denoiser.conditioned(condition) as predict_noise:`) and then calls
