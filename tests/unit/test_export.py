@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
 
 import numpy as np
 import onnx
@@ -24,7 +25,7 @@ from meddpm.model.unet import (
     timestep_embedding,
 )
 from meddpm.sampling import core
-from tests.conftest import REPO, edit_weights, randomise
+from tests.conftest import REPO, TEST_DATA, edit_weights, randomise
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +216,19 @@ def test_committed_configs_are_what_export_writes(demo_repository, entry):
     hashes = [key for key in (ONNX_SHA256, PACKAGE_SHA256) if key in config.parameters]
     assert len(hashes) == 1
     del config.parameters[hashes[0]]
-    assert (REPO / "model_repository" / entry / "config.pbtxt").read_text() == repository.config_text(config)
-    assert (REPO / "model_repository" / entry / "1" / ".gitkeep").exists()
+    assert (TEST_DATA / "model_repository" / entry / "config.pbtxt").read_text() == repository.config_text(config)
+    assert (demo_repository / entry / "1" / ".gitkeep").exists()
+
+
+def test_the_demo_exports_where_git_does_not_look():
+    """scripts/demo.sh then scripts/test.sh on one clone: the demo's export rewrites configs whose hashes depend on
+    the machine, so it must write where no file is tracked and git ignores what it writes."""
+    [command] = [line for line in (REPO / "scripts" / "demo.sh").read_text().splitlines() if " -m export " in line]
+    target = command.split("--repository ")[1].split()[0]
+    tracked = subprocess.run(["git", "ls-files", "--", target], cwd=REPO, capture_output=True, text=True, check=True)
+    assert tracked.stdout == "", f"the demo exports into {target}, where git tracks {tracked.stdout.split()}"
+    probe = f"{target}/meddpm_demo/config.pbtxt"
+    assert subprocess.run(["git", "check-ignore", "-q", "--no-index", probe], cwd=REPO).returncode == 0, probe
 
 
 def test_a_graph_changed_after_export_is_refused_naming_both_hashes(demo_repository, tmp_path):
