@@ -5,11 +5,15 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
+import pydicom
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.misc import is_dicom
 
 from meddpm.dicom import phantoms
+from meddpm.dicom.phantoms import image_series, oblique_affine
 
 # Identifying attributes of the made-up source patient: none of these values may reach an output or a log.
 PATIENT = {
@@ -63,3 +67,13 @@ def save(datasets: list[Dataset], folder: Path, prefix: str) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def label_map_series(folder, series_number: bytes, uid_seed: int):
+    """A small label-map series whose Series Number holds `series_number` as stored, valid or not."""
+    labels = np.zeros((8, 8, 4), np.uint16)
+    labels[2:6, 2:6, 1:3] = 1
+    series = image_series(labels, oblique_affine(labels.shape, 6.0), study(), 3 + uid_seed, "labels")
+    for ds in series:
+        ds[0x00200011] = RawDataElement(pydicom.tag.Tag(0x00200011), "IS", len(series_number), series_number, 0, 1, 1)
+    return save(series, folder, "slice")

@@ -17,29 +17,9 @@ from PIL import Image
 from meddpm.imaging.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
 from meddpm.model.manifest import sha256_of
 from tests.conftest import REPO, edit_weights
-from tests.unit.test_layers import imported_modules
+from tests.helpers import PATIENT, imported_modules, run_app, write_mask
 
 pytestmark = pytest.mark.slow
-PATIENT = "Doe^Jane 1970-01-01"
-
-
-def run_app(*args, env=None):
-    environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "app", *map(str, args)],
-        cwd=REPO,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-
-
-def write_mask(path, mask, affine, descrip=PATIENT):
-    image = nib.Nifti1Image(mask, affine)
-    image.header["descrip"] = descrip.encode()
-    nib.save(image, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ import pytest
 from deploy.local_triton import free_port
 from meddpm.imaging.phantoms import make_phantom
 from tests.conftest import REPO
-from tests.integration.test_app import run_app, write_mask
+from tests.helpers import FAST, run_app, run_on_tmpfs, write_mask
 
 pytestmark = pytest.mark.slow
-FAST = ("--scheduler", "ddim", "--steps", "2", "--seed", "1")
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +65,8 @@ def test_a_full_disk_is_named_and_leaves_nothing_behind(demo_repository, phantom
     write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
     out = tmp_path / "out"
     out.mkdir()
-    script = 'mount -t tmpfs -o size=48k tmpfs "$1" && shift && "$@"; code=$?; ls -A "$OUT"; exit $code'
     command = [sys.executable, "-m", "app", "-i", tmp_path / "head.nii.gz", "-o", out, "-m", demo_repository, *FAST]
-    result = subprocess.run(
-        ["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh", out, *map(str, command)],
-        cwd=REPO,
-        env={**os.environ, "OUT": str(out)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_on_tmpfs("48k", out, command, list_folder_after=True)
     assert result.returncode == 1, result.stdout + result.stderr
     assert re.search(
         r"FAILED head: .*head.nii.gz: its outputs \(1 sample\(s\) of 32x32x32 voxels as nifti\) may take up to "

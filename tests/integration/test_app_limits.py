@@ -14,10 +14,7 @@ import numpy as np
 from benchmarks.mask_memory import head_mask
 from meddpm.imaging.phantoms import make_phantom
 from tests.conftest import REPO
-from tests.integration.test_app import write_mask
-
-FAST = ("--scheduler", "ddim", "--steps", "2", "--seed", "1")
-SAMPLING = re.compile(r"step \d+/\d+")
+from tests.helpers import FAST, SAMPLING, run_on_tmpfs, write_mask
 
 
 def test_a_mask_beyond_the_address_space_limit_is_refused_before_sampling(demo_repository, tmp_path):
@@ -51,15 +48,8 @@ def test_an_output_disk_that_cannot_hold_any_mask_is_refused_at_once(demo_reposi
     write_mask(tmp_path / "head.nii.gz", mask, np.diag([6.0, 6.0, 6.0, 1.0]))
     out = tmp_path / "out"
     out.mkdir()
-    script = 'mount -t tmpfs -o size=8k tmpfs "$1" && shift && "$@"'
     command = [sys.executable, "-m", "app", "-i", tmp_path / "head.nii.gz", "-o", out, "-m", demo_repository, *FAST]
-    result = subprocess.run(
-        ["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh", out, *map(str, command)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_on_tmpfs("8k", out, command)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert f"{out}: its file system has 8 KiB free, less than any mask's outputs need (at least 16 KiB)" in output

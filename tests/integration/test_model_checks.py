@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from meddpm.imaging.phantoms import make_phantom
-from tests.integration.test_app import run_app
-from tests.unit.test_model_checks import MODEL, copy_repository, edit_manifest, install_graph, manifest_path, nan_graph
+from tests.helpers import run_app
+from tests.model_samples import MODEL, copy_repository, edit_manifest, install_graph, manifest_path, nan_graph
 
 pytestmark = pytest.mark.slow
 STEPS = ("--scheduler", "ddim", "--steps", "2")

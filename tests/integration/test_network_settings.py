@@ -16,8 +16,7 @@ import pytest
 from deploy.local_triton import free_port
 from meddpm.imaging.phantoms import make_phantom
 from tests.conftest import REPO
-from tests.integration.test_app import write_mask
-from tests.integration.test_app_faults import FAST
+from tests.helpers import FAST, write_mask
 
 pytestmark = pytest.mark.slow
 DICOM = ("--output-format", "dicom")

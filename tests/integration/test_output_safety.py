@@ -10,11 +10,10 @@ import pytest
 
 from meddpm.atomic import OWNER_MARK
 from meddpm.imaging.phantoms import make_phantom
-from tests.integration.test_app import run_app, write_mask
-from tests.unit.test_mask_inputs import label_map_series
+from tests.dicom_samples import label_map_series
+from tests.helpers import FAST, run_app, write_mask
 
 pytestmark = pytest.mark.slow
-FAST = ("--scheduler", "ddim", "--steps", "2", "--seed", "1")
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
 
 

@@ -29,6 +29,7 @@ from meddpm.mask_inputs import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
 from tests.conftest import REPO
 from tests.dicom_samples import leaked_values, save, study
+from tests.helpers import run_app
 from tests.orthanc import AE_TITLE, MODALITIES, PASSWORD, USER, OrthancServer, c_store
 
 PRESET = load_presets(BUILTIN_PRESETS)["demo"]
@@ -162,18 +163,6 @@ def test_mask_from_orthanc_comes_back_as_a_valid_synthetic_series(demo_repositor
     assert leaked_values(logs) == []
     for path in saved + [p for p in folder.rglob("*") if p.is_file()]:
         assert leaked_values(path) == [], path
-
-
-def run_app(*args, env=None):
-    environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "app", *map(str, args)],
-        cwd=REPO,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_pacs_settings_are_checked_before_any_work(demo_repository, tmp_path):

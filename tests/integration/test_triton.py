@@ -35,6 +35,7 @@ from meddpm.model.unet import build_unet
 from meddpm.sampling.loop import sample
 from meddpm.sampling.request import SamplingRequest
 from tests.conftest import REPO, randomise, served_runtime
+from tests.helpers import run_app
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -114,19 +115,6 @@ def regions_mapped_by(pid: int) -> set[str]:
 
 def our_regions() -> list[str]:
     return glob.glob("/dev/shm/meddpm_*")
-
-
-def run_app(*args, env=None, **kwargs):
-    environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "app", *map(str, args)],
-        cwd=REPO,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
-    )
 
 
 # --- the app through Triton ------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import pickle
 
 import numpy as np
@@ -14,17 +13,9 @@ from meddpm.model.checkpoint import load_checkpoint, save_meddpm_checkpoint
 from meddpm.model.presets import get_preset
 from meddpm.model.unet import build_unet
 from tests.conftest import randomise, reference_keys
+from tests.helpers import cosine_betas
 
 SCHEDULE_BUFFERS = 13
-
-
-def cosine_betas(timesteps: int = 250, s: float = 0.008) -> np.ndarray:
-    """Nichol & Dhariwal's cosine schedule, written out independently of diffusers."""
-
-    def alpha_bar(t):
-        return math.cos((t / timesteps + s) / (1 + s) * math.pi / 2) ** 2
-
-    return np.array([min(1 - alpha_bar(i + 1) / alpha_bar(i), 0.999) for i in range(timesteps)])
 
 
 def reference_buffers(betas: np.ndarray) -> dict[str, torch.Tensor]:

@@ -11,11 +11,7 @@ import textwrap
 from meddpm.model.manifest import sha256_of
 from meddpm.sampling import core
 from tests.conftest import REPO
-
-
-def imported_modules(stderr: str) -> set[str]:
-    """Module names from `python -X importtime` output."""
-    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+from tests.helpers import imported_modules
 
 
 def test_the_sampling_core_runs_from_its_copy_alone(tmp_path):

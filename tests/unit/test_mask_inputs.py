@@ -12,6 +12,7 @@ import pytest
 from meddpm.errors import InputError
 from meddpm.mask_inputs import find_mask_inputs
 from meddpm.names import NAME_BYTES
+from tests.dicom_samples import label_map_series
 
 
 def nifti(path):
@@ -91,22 +92,6 @@ def test_an_input_path_that_is_no_file_or_folder_to_read_is_refused(tmp_path, ki
         unreadable(path)
     with pytest.raises(InputError, match="neither a regular file nor a folder|cannot be read"):
         find_mask_inputs(path)
-
-
-def label_map_series(folder, series_number: bytes, uid_seed: int):
-    """A small label-map series whose Series Number holds `series_number` as stored, valid or not."""
-    import pydicom
-    from pydicom.dataelem import RawDataElement
-
-    from meddpm.dicom.phantoms import image_series, oblique_affine
-    from tests.dicom_samples import save, study
-
-    labels = np.zeros((8, 8, 4), np.uint16)
-    labels[2:6, 2:6, 1:3] = 1
-    series = image_series(labels, oblique_affine(labels.shape, 6.0), study(), 3 + uid_seed, "labels")
-    for ds in series:
-        ds[0x00200011] = RawDataElement(pydicom.tag.Tag(0x00200011), "IS", len(series_number), series_number, 0, 1, 1)
-    return save(series, folder, "slice")
 
 
 @pytest.mark.parametrize(

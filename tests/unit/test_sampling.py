@@ -19,7 +19,7 @@ from meddpm.sampling.loop import clip_x0_in_epsilon, sample, step_alpha_bars
 from meddpm.sampling.request import SamplingRequest
 from meddpm.sampling.schedulers import SCHEDULERS, make_scheduler
 from tests.conftest import randomise
-from tests.unit.test_checkpoints import cosine_betas
+from tests.helpers import cosine_betas
 
 WHOLE_HEAD = get_preset("whole-head")
 SCHEDULE = WHOLE_HEAD.schedule
