@@ -97,7 +97,7 @@ class OutputWriterOperator(Operator):
             record = self._record(synthesis, outputs + ["preview.png"])
             (staging / "record.json").write_text(json.dumps(record, indent=2) + "\n")
             if self._pacs is not None:  # before the swap: only what this run wrote is sent
-                not_stored = self._send(staging, [[staging / path for path in files] for files in series])
+                not_stored = self._send(self._pacs, staging, [[staging / path for path in files] for files in series])
         if not_stored:
             raise type(not_stored)(f"written to {target}, but not stored in the PACS: {not_stored}")
         return target
@@ -124,10 +124,10 @@ class OutputWriterOperator(Operator):
             provenance=provenance,
         )
 
-    def _send(self, folder: Path, series: list[list[Path]]) -> PacsError | Interrupted | None:
+    def _send(self, pacs: PacsExporter, folder: Path, series: list[list[Path]]) -> PacsError | Interrupted | None:
         """Store the series in the PACS; pacs.json in `folder` says what was stored, or why not (returned)."""
         try:
-            stored = self._pacs.store(series, stop=self._report.stop)
+            stored = pacs.store(series, stop=self._report.stop)
         except (PacsError, Interrupted) as error:
             (folder / "pacs.json").write_text(json.dumps({"error": str(error)}, indent=2) + "\n")
             return error

@@ -51,5 +51,5 @@ def _row(volume: np.ndarray, zooms: np.ndarray, colour) -> np.ndarray:
         rgb = colour(np.rot90(plane))  # first axis becomes horizontal, second axis points up
         height = PANEL_PIXELS
         width = max(1, round(height * plane.shape[0] * horizontal_mm / (plane.shape[1] * vertical_mm)))
-        panels.append(np.asarray(Image.fromarray(rgb).resize((width, height), Image.NEAREST)))
+        panels.append(np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.NEAREST)))
     return np.concatenate(panels, axis=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ class SamplingPlan:
         schedule = model.preset.schedule
         scheduler = settings.scheduler or schedule.default_scheduler
         steps = settings.steps or default_steps(scheduler, schedule)
-        seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+        seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         request = SamplingRequest(scheduler, steps, seed, settings.samples)
         request.check(schedule)
         return cls(request, settings.batch_size)

@@ -86,6 +86,7 @@ def export_onnx(model: ConditionalDenoiser, preset: Preset, path: Path) -> None:
             dynamic_shapes={NOISY_IMAGE: spatial, CONDITION: spatial, TIMESTEP: {0: batch}},
             verbose=False,
         )
+    assert program is not None  # dynamo=True always returns the program (None is the legacy exporter's)
     graph = program.model_proto
     for value in [*graph.graph.input[:2], *graph.graph.output]:
         dims = value.type.tensor_type.shape.dim
