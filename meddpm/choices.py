@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from enum import StrEnum
 from typing import TypeVar
 
@@ -9,8 +10,10 @@ Choice = TypeVar("Choice", bound=StrEnum)
 
 
 def parse_choice(kind: type[Choice], text: str, what: str) -> Choice:
-    """The member of `kind` named `text`; ValueError naming the allowed values otherwise."""
+    """The member of `kind` named `text`; ValueError naming the allowed values, and the nearest, otherwise."""
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"'{text}' is not a {what}; choose one of {', '.join(kind)}") from None
+        nearest = difflib.get_close_matches(text.lower(), list(kind), n=1)
+        guess = f" (did you mean '{nearest[0]}'?)" if nearest else ""
+        raise ValueError(f"'{text}' is not a {what}{guess}; choose one of {', '.join(kind)}") from None

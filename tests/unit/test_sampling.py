@@ -185,3 +185,14 @@ def test_every_scheduler_name_has_one_registry_entry_and_requests_keep_the_seed_
     request = SamplingRequest(Scheduler.DDPM, 10, seed=7, samples=5)
     assert request.seeds == [7, 8, 9, 10, 11]
     assert [r.seeds for r in request.batches(2)] == [[7, 8], [9, 10], [11]]
+
+
+def test_a_mistyped_choice_is_refused_naming_the_nearest_and_every_allowed_value():
+    from meddpm.choices import parse_choice
+    from meddpm.model.presets import Scheduler
+
+    with pytest.raises(ValueError, match=r"'dpmpp2m_sde' is not a scheduler \(did you mean 'dpmpp2m-sde'\?\); choose"):
+        parse_choice(Scheduler, "dpmpp2m_sde", "scheduler")
+    with pytest.raises(ValueError, match=r"'euler' is not a scheduler; choose one of ddpm, ddim, dpmpp2m, deis"):
+        parse_choice(Scheduler, "euler", "scheduler")
+    assert parse_choice(Scheduler, "ddim", "scheduler") is Scheduler.DDIM
