@@ -108,7 +108,12 @@ def test_compose_paths_and_ports_agree(compose):
         assert (DEPLOY / source).resolve().is_relative_to(REPO), source
     triton_models = DEPLOY / mounts["triton"][0][0]
     assert triton_models == DEPLOY / app_targets["/opt/holoscan/models"]
-    assert (triton_models / "meddpm_demo" / "config.pbtxt").is_file()
+    # It is the folder the README's demo exports into (generated, so not in a fresh clone), and Triton loads a model
+    # whose configuration export writes (its committed twin lives under tests/data).
+    demo_export = re.search(r"--repository (\S+)", (REPO / "scripts" / "demo.sh").read_text())
+    assert demo_export and triton_models.resolve() == (REPO / demo_export[1]).resolve()
+    loaded = expand(app["environment"]["MEDDPM_MODEL"])
+    assert (REPO / "tests" / "data" / "model_repository" / loaded / "config.pbtxt").is_file()
     # Triton serves the model the app asks for, on the port the app calls, with the health check on its HTTP port.
     command = [expand(c) for c in triton["command"]]
     assert f"--load-model={expand(app['environment']['MEDDPM_MODEL'])}" in command
