@@ -27,20 +27,23 @@ from monai.deploy.core import Application
 from app.mask_loader_operator import MaskLoaderOperator
 from app.output_writer_operator import OutputWriterOperator
 from app.report import RunReport
-from app.settings import SamplingSettings, help_text, parse_settings
-from app.synthesis_operator import SamplingPlan, SynthesisOperator
-from meddpm.atomic import check_writable, unwritable_folder
+from app.settings import RunSettings, help_text, parse_settings
+from app.synthesis_operator import SynthesisOperator
 from meddpm.backends.in_process import in_process_denoiser
 from meddpm.backends.triton_client.options import LoopMode, RetryPolicy, Transport, server_address
 from meddpm.dicom.options import DicomOptions, SegmentMap
-from meddpm.errors import ConfigurationError, Interrupted, MedDDPMError, ModelError
+from meddpm.errors import Interrupted, MedDDPMError, ModelError
 from meddpm.imaging.formats import OutputFormat
 from meddpm.imaging.masks import MaskInput
 from meddpm.imaging.memory import check_fits, check_output_room
-from meddpm.mask_inputs import find_mask_inputs, keep_outputs_apart
-from meddpm.model.repository import ServedModel, find_model
+from meddpm.input_folders import find_mask_inputs, keep_outputs_apart
+from meddpm.model.served_model import ServedModel, find_model
 from meddpm.names import printable
+from meddpm.output_folders import check_writable, unwritable_folder
 from meddpm.sampling.denoiser import Denoiser
+from meddpm.sampling.loop import DenoiserLoop
+from meddpm.sampling.request import SamplingRequest
+from meddpm.synthesis import SynthesisPipeline
 
 if TYPE_CHECKING:
     from meddpm.backends.triton_client.server_loop import TritonServerLoop
@@ -53,7 +56,8 @@ log = logging.getLogger("app")
 class SynthesisJob:
     model: ServedModel
     denoiser: Denoiser
-    plan: SamplingPlan
+    request: SamplingRequest
+    batch_size: int
     masks: list[MaskInput]
     output_folder: Path
     rescale: tuple[float, float] | None
@@ -86,13 +90,12 @@ class SynthesisApp(Application):
         )
         synthesis = SynthesisOperator(
             self,
-            model=job.model,
+            pipeline=SynthesisPipeline(job.model, job.server_loop or DenoiserLoop(job.denoiser), job.batch_size),
+            request=job.request,
             denoiser=job.denoiser,
-            plan=job.plan,
             report=job.report,
             output_formats=job.output_formats,
             output_folder=job.output_folder,
-            server_loop=job.server_loop,
             name="synthesis",
         )
         writer = OutputWriterOperator(
@@ -124,16 +127,11 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
             f"repair that entry (`python -m export` writes it) or move it out of the repository"
         ) from None
     model = find_model(Path(context.model_path), settings.model_name, settings.preset, settings.model_sha256)
-    plan = SamplingPlan.resolve(settings, model)
-    if settings.segment_map:
-        settings.segment_map.check(model.preset)
-    formats = settings.output_format
+    request = SamplingRequest.resolve(
+        model.preset.schedule, settings.scheduler, settings.steps, settings.seed, settings.samples
+    )
+    settings.validate(model.preset, context.triton_server_netloc)
     pacs = make_exporter(settings)
-    if pacs and OutputFormat.DICOM not in formats:
-        raise ConfigurationError(
-            "a PACS destination is set but the output format has no dicom; add "
-            "--output-format nifti,dicom (MEDDPM_OUTPUT_FORMAT)"
-        )
     output_folder = Path(context.output_path)
     masks = keep_outputs_apart(Path(context.input_path), output_folder, find_mask_inputs(Path(context.input_path)))
     check_writable(output_folder)
@@ -148,20 +146,21 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
         "model %s (preset %s), scheduler %s, %d steps, seeds %s, %d mask(s)",
         model.name,
         model.preset.name,
-        plan.request.scheduler,
-        plan.request.steps,
-        plan.request.seeds,
+        request.scheduler,
+        request.steps,
+        request.seeds,
         len(masks),
     )
     dicom = DicomOptions(settings.dicom_identity, settings.dicom_copy or ())
     return SynthesisJob(
         model,
         denoiser,
-        plan,
+        request,
+        settings.batch_size,
         masks,
         output_folder,
         settings.rescale,
-        formats,
+        settings.output_format,
         settings.segment_map,
         dicom,
         pacs,
@@ -169,7 +168,7 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
     )
 
 
-def make_exporter(settings: SamplingSettings) -> PacsExporter | None:
+def make_exporter(settings: RunSettings) -> PacsExporter | None:
     """The PACS destinations configured (C-STORE and/or STOW-RS), or None."""
     if not (settings.pacs_cstore or settings.pacs_stow_url):
         return None
@@ -186,7 +185,7 @@ def make_exporter(settings: SamplingSettings) -> PacsExporter | None:
     )
 
 
-def make_denoiser(triton_url: str | None, model: ServedModel, settings: SamplingSettings) -> Denoiser:
+def make_denoiser(triton_url: str | None, model: ServedModel, settings: RunSettings) -> Denoiser:
     """The Triton server when an address is given (TRITON_SERVER_NETLOC / --triton-server-netloc), else in process."""
     if not triton_url:
         denoiser = in_process_denoiser(
@@ -212,11 +211,7 @@ def make_server_loop(denoiser: Denoiser) -> TritonServerLoop:
     from meddpm.backends.triton_client.client import TritonDenoiser
     from meddpm.backends.triton_client.server_loop import TritonServerLoop
 
-    if not isinstance(denoiser, TritonDenoiser):
-        raise ConfigurationError(
-            "--triton-loop server needs a Triton server: set TRITON_SERVER_NETLOC or "
-            "--triton-server-netloc HOST:PORT, or drop --triton-loop"
-        )
+    assert isinstance(denoiser, TritonDenoiser), "RunSettings.validate: the server-side loop needs a Triton server"
     return TritonServerLoop(denoiser)
 
 

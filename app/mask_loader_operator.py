@@ -8,12 +8,12 @@ from pathlib import Path
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from app.report import RunReport
-from meddpm.atomic import check_target
 from meddpm.dicom.options import SegmentMap
 from meddpm.errors import InputError
 from meddpm.imaging.masks import MaskInput
-from meddpm.mask_inputs import read_mask_input
+from meddpm.input_folders import read_mask_input
 from meddpm.model.presets import Preset
+from meddpm.output_folders import check_target
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 import meddpm
 from app.preview import write_preview
 from app.report import RunReport
-from app.synthesis_operator import Synthesis
-from meddpm.atomic import staged_folder
 from meddpm.dicom.options import DicomOptions
 from meddpm.errors import Interrupted, PacsError
 from meddpm.imaging.formats import OutputFormat
-from meddpm.model.repository import ServedModel
+from meddpm.model.served_model import ServedModel
 from meddpm.model.tensors import IMAGE_RANGE
+from meddpm.output_folders import staged_folder
+from meddpm.synthesis import Synthesis
 
 if TYPE_CHECKING:
     from meddpm.dicom.pacs import PacsExporter
@@ -40,7 +40,7 @@ class OutputWriterOperator(Operator):
     timings); pacs.json (what each PACS stored, or why not) after the series were sent.
 
     Named Input:
-        synthesis: app.synthesis_operator.Synthesis
+        synthesis: meddpm.synthesis.Synthesis
     """
 
     def __init__(

@@ -1,4 +1,5 @@
-"""Sampling settings: one table, each setting a flag and an environment variable (the flag wins).
+"""The run's settings: one declaration (`RunSettings`), each setting a flag and an environment variable (the flag
+wins), and one `validate` for the checks across settings.
 
 Paths and the Triton address are the MONAI Deploy SDK's own settings (-i/-o/-m, HOLOSCAN_INPUT_PATH,
 HOLOSCAN_OUTPUT_PATH, HOLOSCAN_MODEL_PATH, TRITON_SERVER_NETLOC); this table holds the rest. It imports only the
@@ -32,7 +33,7 @@ from meddpm.dicom.options import (
 )
 from meddpm.errors import ConfigurationError
 from meddpm.imaging.formats import OutputFormat
-from meddpm.model.presets import Scheduler
+from meddpm.model.presets import Preset, Scheduler
 from meddpm.sampling.request import MAX_SEED
 from meddpm.sampling.schedulers import SCHEDULERS
 
@@ -51,6 +52,8 @@ Sampling settings:
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
+    """One field of RunSettings as the command line and the environment see it."""
+
     name: str
     env: str
     type: Callable[[str], Any]
@@ -60,6 +63,11 @@ class Setting:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+def setting(env: str, parse: Callable[[str], Any], default: Any, help: str) -> Any:
+    """A RunSettings field: its default, and how the flag --NAME and the variable `env` are parsed and explained."""
+    return dataclasses.field(default=default, metadata={"env": env, "type": parse, "help": help})
 
 
 RESCALE_LIMIT = 1e30  # volumes are written as float32 (up to 3.4e38): MAX - MIN must stay finite there
@@ -184,26 +192,27 @@ def _count(text: str) -> int:
     return value
 
 
-SETTINGS = (
-    Setting("model_name", "MEDDPM_MODEL", str, None, "model in the repository (default: the only one there)"),
-    Setting("preset", "MEDDPM_PRESET", str, None, "refuse a model exported for any other preset"),
-    Setting(
-        "model_sha256",
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a run is asked for beyond the SDK's paths: the model, sampling, the runtime, Triton, the outputs, DICOM
+    and PACS. Each field is declared once, with its environment variable, parser, default and help."""
+
+    model_name: str | None = setting("MEDDPM_MODEL", str, None, "model in the repository (default: the only one there)")
+    preset: str | None = setting("MEDDPM_PRESET", str, None, "refuse a model exported for any other preset")
+    model_sha256: str | None = setting(
         "MEDDPM_MODEL_SHA256",
         _sha256,
         None,
         "SHA-256 of the trusted model's manifest.json (a run's record.json: model.manifest_sha256): refuse any "
         "other model (the manifest holds the graph's hash: this pins both)",
-    ),
-    Setting(
-        "scheduler",
+    )
+    scheduler: Scheduler | None = setting(
         "MEDDPM_SCHEDULER",
         _choice(Scheduler, "scheduler"),
         None,
         f"one of {', '.join(Scheduler)} (default: the preset's; the fast path: dpmpp2m-sde)",
-    ),
-    Setting(
-        "steps",
+    )
+    steps: int | None = setting(
         "MEDDPM_STEPS",
         _positive,
         None,
@@ -211,184 +220,169 @@ SETTINGS = (
         "own scheduler, else "
         + ", ".join(f"{k} {v.default_steps}" for k, v in SCHEDULERS.items() if v.default_steps)
         + ")",
-    ),
-    Setting("seed", "MEDDPM_SEED", _seed, None, "seed of sample 0; sample i uses seed + i (default: random, recorded)"),
-    Setting("samples", "MEDDPM_SAMPLES", _positive, 1, "synthetic volumes per mask"),
-    Setting("batch_size", "MEDDPM_BATCH_SIZE", _positive, 1, "samples sent through the UNet together"),
-    Setting("rescale", "MEDDPM_RESCALE", _rescale, None, "MIN,MAX: map the model range [-1, 1] linearly onto it"),
-    Setting(
-        "threads",
+    )
+    seed: int | None = setting(
+        "MEDDPM_SEED",
+        _seed,
+        None,
+        "seed of sample 0; sample i uses seed + i (default: random, recorded)",
+    )
+    samples: int = setting("MEDDPM_SAMPLES", _positive, 1, "synthetic volumes per mask")
+    batch_size: int = setting("MEDDPM_BATCH_SIZE", _positive, 1, "samples sent through the UNet together")
+    rescale: tuple[float, float] | None = setting(
+        "MEDDPM_RESCALE",
+        _rescale,
+        None,
+        "MIN,MAX: map the model range [-1, 1] linearly onto it",
+    )
+    threads: int = setting(
         "MEDDPM_THREADS",
         _threads,
         0,
         "threads of the in-process runtime, at most one per core (0: one per core)",
-    ),
-    Setting(
-        "backend",
+    )
+    backend: Backend = setting(
         "MEDDPM_BACKEND",
         _choice(Backend, "backend"),
         Backend.AUTO,
         "runtime of the UNet in process: onnxruntime, openvino, or auto (ONNX Runtime with CUDA on a GPU, "
         "OpenVINO on a CPU)",
-    ),
-    Setting(
-        "precision",
+    )
+    precision: Precision = setting(
         "MEDDPM_PRECISION",
         _choice(Precision, "precision"),
         Precision.AUTO,
         "fp32, bf16, mixed (fp32 at high noise, bf16 below; bf16 and mixed need OpenVINO and a CPU with native "
         "BF16), or auto (fp32)",
-    ),
-    Setting(
-        "triton_model",
+    )
+    triton_model: str | None = setting(
         "MEDDPM_TRITON_MODEL",
         str,
         None,
         "served model to call (default: NAME or NAME_cpu, whichever is ready)",
-    ),
-    Setting(
-        "triton_transport",
+    )
+    triton_transport: Transport = setting(
         "MEDDPM_TRITON_TRANSPORT",
         _choice(Transport, "transport"),
         Transport.AUTO,
         "shm: shared memory (same host); "
         "network: tensors in the gRPC messages; auto: shm when the server is on this host and can map it",
-    ),
-    Setting(
-        "triton_loop",
+    )
+    triton_loop: LoopMode = setting(
         "MEDDPM_TRITON_LOOP",
         _choice(LoopMode, "loop mode"),
         LoopMode.CLIENT,
         "client: the app runs the loop, one request per "
         "step; server: the server runs it (NAME_sampler), one request per volume, progress streamed",
-    ),
-    Setting(
-        "triton_deadline",
+    )
+    triton_deadline: float = setting(
         "MEDDPM_TRITON_DEADLINE",
         _seconds,
         RetryPolicy.deadline_s,
         "seconds one UNet call "
         "(server-side loop: one step) may take before it is retried (server-side loop: cancelled)",
-    ),
-    Setting(
-        "triton_retry_window",
+    )
+    triton_retry_window: float = setting(
         "MEDDPM_TRITON_RETRY_WINDOW",
         _seconds,
         RetryPolicy.window_s,
         "seconds to wait for a server that is away (at the start, or restarting mid-run) before giving up",
-    ),
-    Setting(
-        "output_format",
+    )
+    output_format: tuple[OutputFormat, ...] = setting(
         "MEDDPM_OUTPUT_FORMAT",
         _output_formats,
         (OutputFormat.NIFTI,),
         "nifti, dicom or nifti,dicom: NIfTI volumes and/or one DICOM MR series per sample and channel",
-    ),
-    Setting(
-        "segment_map",
+    )
+    segment_map: SegmentMap | None = setting(
         "MEDDPM_SEGMENT_MAP",
         _segment_map,
         None,
         "SEGMENT=LABEL,...: DICOM SEG segments "
         "(number or label) to preset labels, e.g. Brain=1,Tumour=2 (default: segment n is label n)",
-    ),
-    Setting(
-        "dicom_identity",
+    )
+    dicom_identity: IdentityPolicy = setting(
         "MEDDPM_DICOM_IDENTITY",
         _choice(IdentityPolicy, "identity policy"),
         IdentityPolicy.PSEUDONYMOUS,
         "pseudonymous: a new patient and study, nothing copied; keep-study: the DICOM mask's patient and study",
-    ),
-    Setting(
-        "dicom_copy",
+    )
+    dicom_copy: tuple[str, ...] | None = setting(
         "MEDDPM_DICOM_COPY",
         _keywords,
         None,
         "attributes copied from a DICOM mask into the output (from the list in the README's DICOM section)",
-    ),
-    Setting("pacs_cstore", "MEDDPM_PACS_CSTORE", _cstore, None, "AE@HOST:PORT: send the DICOM series there by C-STORE"),
-    Setting("pacs_calling_ae", "MEDDPM_PACS_CALLING_AE", _ae_title, "MEDDPM", "our AE title for C-STORE"),
-    Setting(
-        "pacs_stow_url",
+    )
+    pacs_cstore: CStoreDestination | None = setting(
+        "MEDDPM_PACS_CSTORE",
+        _cstore,
+        None,
+        "AE@HOST:PORT: send the DICOM series there by C-STORE",
+    )
+    pacs_calling_ae: str = setting("MEDDPM_PACS_CALLING_AE", _ae_title, "MEDDPM", "our AE title for C-STORE")
+    pacs_stow_url: str | None = setting(
         "MEDDPM_PACS_STOW_URL",
         _stow_url,
         None,
         "DICOMweb base URL: send the DICOM series there by STOW-RS (credentials: MEDDPM_DICOMWEB_* variables only)",
-    ),
-    Setting(
-        "pacs_retries",
+    )
+    pacs_retries: int = setting(
         "MEDDPM_PACS_RETRIES",
         _count,
         3,
         "retries of a PACS transfer that failed for want of a connection or an answer (pauses 1, 2, 4 ... s, "
         f"at most {PACS_MAX_PAUSE_S:g} s)",
-    ),
-    Setting(
-        "pacs_timeout",
+    )
+    pacs_timeout: float = setting(
         "MEDDPM_PACS_TIMEOUT",
         _seconds,
         PACS_TIMEOUT_S,
         "seconds a PACS may stay silent (connecting, associating, storing one instance, one read of an HTTP "
         "answer) before the try fails and is retried",
-    ),
-    Setting(
-        "pacs_deadline",
+    )
+    pacs_deadline: float = setting(
         "MEDDPM_PACS_DEADLINE",
         _seconds,
         PACS_DEADLINE_S,
         "seconds one mask's series may take to reach one PACS, all tries and pauses included; then the mask is "
         "reported as written but not stored",
-    ),
-)
+    )
+
+    def validate(self, preset: Preset, triton_server_netloc: str | None) -> None:
+        """ConfigurationError saying what to change when settings contradict each other or the model's preset."""
+        if (self.pacs_cstore or self.pacs_stow_url) and OutputFormat.DICOM not in self.output_format:
+            raise ConfigurationError(
+                "a PACS destination is set but the output format has no dicom; add "
+                "--output-format nifti,dicom (MEDDPM_OUTPUT_FORMAT)"
+            )
+        if self.triton_loop == LoopMode.SERVER and not triton_server_netloc:
+            raise ConfigurationError(
+                "--triton-loop server needs a Triton server: set TRITON_SERVER_NETLOC or "
+                "--triton-server-netloc HOST:PORT, or drop --triton-loop"
+            )
+        if self.segment_map:
+            self.segment_map.check(preset)
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-    model_name: str | None = None
-    preset: str | None = None
-    model_sha256: str | None = None
-    scheduler: Scheduler | None = None
-    steps: int | None = None
-    seed: int | None = None
-    samples: int = 1
-    batch_size: int = 1
-    rescale: tuple[float, float] | None = None
-    threads: int = 0
-    backend: Backend = Backend.AUTO
-    precision: Precision = Precision.AUTO
-    triton_model: str | None = None
-    triton_transport: Transport = Transport.AUTO
-    triton_loop: LoopMode = LoopMode.CLIENT
-    triton_deadline: float = RetryPolicy.deadline_s
-    triton_retry_window: float = RetryPolicy.window_s
-    output_format: tuple[OutputFormat, ...] = (OutputFormat.NIFTI,)
-    segment_map: SegmentMap | None = None
-    dicom_identity: IdentityPolicy = IdentityPolicy.PSEUDONYMOUS
-    dicom_copy: tuple[str, ...] | None = None
-    pacs_cstore: CStoreDestination | None = None
-    pacs_calling_ae: str = "MEDDPM"
-    pacs_stow_url: str | None = None
-    pacs_retries: int = 3
-    pacs_timeout: float = PACS_TIMEOUT_S
-    pacs_deadline: float = PACS_DEADLINE_S
+SETTINGS = tuple(Setting(f.name, default=f.default, **f.metadata) for f in dataclasses.fields(RunSettings))
 
 
-def parse_settings(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> tuple[SamplingSettings, list[str]]:
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> tuple[RunSettings, list[str]]:
     """Settings from flags and environment; returns them with the arguments left for the SDK."""
     parser = argparse.ArgumentParser(add_help=False)
     values = {}
-    for setting in SETTINGS:
-        parser.add_argument(setting.flag, dest=setting.name, type=setting.type, default=None, help=setting.help)
+    for known in SETTINGS:
+        parser.add_argument(known.flag, dest=known.name, type=known.type, default=None, help=known.help)
     args, rest = parser.parse_known_args(list(argv))
-    for setting in SETTINGS:
-        value = getattr(args, setting.name)
-        if value is None and setting.env in environ:
+    for known in SETTINGS:
+        value = getattr(args, known.name)
+        if value is None and known.env in environ:
             try:
-                value = setting.type(environ[setting.env])
+                value = known.type(environ[known.env])
             except (argparse.ArgumentTypeError, ValueError) as error:
-                raise ConfigurationError(f"{setting.env}={environ[setting.env]!r}: {error}") from None
-        values[setting.name] = setting.default if value is None else value
-    return SamplingSettings(**values), rest
+                raise ConfigurationError(f"{known.env}={environ[known.env]!r}: {error}") from None
+        values[known.name] = known.default if value is None else value
+    return RunSettings(**values), rest
 
 
 def settings_help() -> str:

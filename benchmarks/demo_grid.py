@@ -7,7 +7,7 @@ from pathlib import Path
 
 from export.cli import main as export_main
 from meddpm.model.presets import get_preset
-from meddpm.model.repository import ServedModel, find_model
+from meddpm.model.served_model import ServedModel, find_model
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "demo" / "model_demo.pt"
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from meddpm.imaging.geometry import ModelGrid
 from meddpm.imaging.memory import mask_memory_estimate
-from meddpm.model.repository import find_model
+from meddpm.model.served_model import find_model
 
 DEFAULT_CASES = ("32:6:1", "128:1.5:1", "256:0.75:1", "256:0.75:8", "256:0.75:30", "32:24:1", "32:48:1", "24:64:1")
 

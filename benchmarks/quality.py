@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
-from meddpm.imaging.geometry import ModelGrid, condition_channels
-from meddpm.imaging.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
+from meddpm.imaging.masks import LabelMask
+from meddpm.imaging.phantom_heads import BRAIN, TUMOUR, dice, make_phantom, segment
 from meddpm.model.presets import Scheduler
-from meddpm.model.repository import find_model
-from meddpm.sampling.loop import sample
+from meddpm.model.served_model import find_model
+from meddpm.sampling.loop import DenoiserLoop
 from meddpm.sampling.request import SamplingRequest
+from meddpm.synthesis import SynthesisPipeline
 
 REFERENCE = ("ddpm", 250)
 FAST_SCHEDULERS = tuple(name for name in Scheduler if name != Scheduler.DDPM)
@@ -39,11 +40,10 @@ LABELS = {"brain": BRAIN, "tumour": TUMOUR}
 def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, runs: list[tuple[str, int]]) -> dict:
     model = find_model(repository, model_name)
     preset = model.preset
-    denoiser = OnnxRuntimeDenoiser(model.onnx_path)
+    pipeline = SynthesisPipeline(model, DenoiserLoop(OnnxRuntimeDenoiser(model.onnx_path)), batch_size=2)
     rng = np.random.default_rng(seed)
     affine = np.diag([*preset.image.voxel_size_mm, 1.0])
     phantoms = [make_phantom(rng, preset.image.mask_shape, preset.image.voxel_size_mm[0]) for _ in range(masks)]
-    grid = ModelGrid(preset.image.mask_shape, affine, preset)
     ceiling = per_sample_dice([(image, mask) for mask, image in phantoms])
     results = {
         "model": model.name,
@@ -58,11 +58,9 @@ def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, ru
         started = time.monotonic()
         pairs, diversity = [], []
         for index, (mask, _) in enumerate(phantoms):
-            condition = condition_channels(grid.labels_to_network(mask), preset)
-            images = sample(
-                denoiser, condition, SamplingRequest(name, steps, seed * 1000 + 2 * index, samples=2), preset
-            )
-            on_mask_grid = [grid.image_from_network(image)[0] for image in images]
+            phantom = LabelMask(f"phantom_{index}", mask, affine, f"phantom {index}")
+            synthesis = pipeline(phantom, SamplingRequest(name, steps, seed * 1000 + 2 * index, samples=2))
+            on_mask_grid = [volume[0] for volume in synthesis.samples]
             pairs += [(image, mask) for image in on_mask_grid]
             diversity.append(float(np.abs(on_mask_grid[0] - on_mask_grid[1])[mask > 0].mean()))
         scores = per_sample_dice(pairs)

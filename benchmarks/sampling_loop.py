@@ -10,7 +10,7 @@ Backends (all on the demo model, exported at each grid: its weights are convolut
   input every step): the "before" of the tuning that benchmarks/onnxruntime_options.py measures;
 - onnxruntime: our loop (meddpm.sampling.loop, diffusers scheduler) with ONNX Runtime in process as the app runs it
   (condition bound once, noise written into the loop's own array);
-- triton-network, triton-shm: our loop against the local Triton server (deploy/local_triton.py) over gRPC,
+- triton-network, triton-shm: our loop against the local Triton server (harness/local_triton.py) over gRPC,
   tensors in the messages or in system shared memory;
 - triton-server-loop: the same loop inside that server (<name>_sampler, UNet through BLS): one request per
   volume, progress streamed back.
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -43,20 +42,20 @@ import torch
 from benchmarks.demo_grid import DEMO_CHECKPOINT, demo_at_grid
 from benchmarks.limited_link import Link, limited_link
 from benchmarks.onnxruntime_options import StockOnnxRuntimeDenoiser
-from deploy.local_triton import LocalTriton
+from harness.local_triton import LocalTriton
 from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.backends.openvino_denoiser import OpenVinoDenoiser
 from meddpm.backends.options import Precision
 from meddpm.backends.triton_client.client import TritonDenoiser
 from meddpm.backends.triton_client.server_loop import TritonServerLoop
-from meddpm.imaging.geometry import condition_channels
-from meddpm.imaging.phantoms import make_phantom
+from meddpm.imaging.geometry import ModelGrid
+from meddpm.imaging.phantom_heads import make_phantom
 from meddpm.model.checkpoint import load_checkpoint
 from meddpm.model.presets import Scheduler
-from meddpm.model.repository import ServedModel
 from meddpm.model.schedule import betas, meddpm_buffers
+from meddpm.model.served_model import ServedModel
 from meddpm.sampling.denoiser import Denoiser, NoisePredictor
-from meddpm.sampling.loop import sample
+from meddpm.sampling.loop import DenoiserLoop, Sampler
 from meddpm.sampling.request import SamplingRequest
 
 BACKENDS = (
@@ -97,12 +96,12 @@ class TimedDenoiser(Denoiser):
 
 
 def timed_volume(
-    loop, model: ServedModel, condition: np.ndarray, steps: int, seed: int, unet_calls: list[float]
+    sampler: Sampler, model: ServedModel, condition: np.ndarray, steps: int, seed: int, unet_calls: list[float]
 ) -> Run:
-    """One DDIM volume through `loop` (`sample`'s signature less the denoiser), each step timed by its progress."""
+    """One DDIM volume by `sampler` (the core's loop, here or in Triton), each step timed by its progress."""
     marks = []
     started = time.perf_counter()
-    image = loop(
+    image = sampler.sample(
         condition,
         SamplingRequest(Scheduler.DDIM, steps, seed),
         model.preset,
@@ -113,12 +112,12 @@ def timed_volume(
 
 def our_loop(denoiser: Denoiser, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
     timed = TimedDenoiser(denoiser)
-    return timed_volume(functools.partial(sample, timed), model, condition, steps, seed, timed.calls)
+    return timed_volume(DenoiserLoop(timed), model, condition, steps, seed, timed.calls)
 
 
 def server_loop(loop: TritonServerLoop, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
     """Steps timed by their streamed progress; the UNet's share is not seen from the client."""
-    return timed_volume(loop.sample, model, condition, steps, seed, [])
+    return timed_volume(loop, model, condition, steps, seed, [])
 
 
 def reference_loop(unet: torch.nn.Module, model: ServedModel, condition: np.ndarray, steps: int, seed: int) -> Run:
@@ -212,8 +211,9 @@ def measure_grid(
     side: int, steps: int, repeats: int, backends: list[str], folder: Path, link: Link | None = None
 ) -> dict:
     model = demo_at_grid(side, folder)
-    labels, _ = make_phantom(np.random.default_rng(0), model.preset.image.grid, model.preset.image.voxel_size_mm[0])
-    condition = condition_channels(labels, model.preset)
+    image = model.preset.image
+    labels, _ = make_phantom(np.random.default_rng(0), image.mask_shape, image.voxel_size_mm[0])
+    condition = ModelGrid(image.mask_shape, np.diag([*image.voxel_size_mm, 1.0]), model.preset).condition(labels)
     with contextlib.ExitStack() as stack:
         runners = {}
         if "reference" in backends:

@@ -29,9 +29,9 @@ import nibabel as nib
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from deploy.local_triton import LocalTriton, server_processes
 from export.cli import main as export_main
-from meddpm.imaging.phantoms import make_phantom
+from harness.local_triton import LocalTriton, server_processes
+from meddpm.imaging.phantom_heads import make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"

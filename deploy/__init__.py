@@ -1,1 +1,1 @@
-"""Running meddpm-deploy for real: a local Triton server for development and tests, containers, Kubernetes."""
+"""Running meddpm-deploy at a site: the container, compose, Kubernetes, the MAP, Orthanc as the research PACS."""

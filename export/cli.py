@@ -15,10 +15,10 @@ from meddpm.errors import MedDDPMError
 from meddpm.model.checkpoint import load_checkpoint
 from meddpm.model.manifest import SAMPLER_PACKAGE, CheckpointRecord, GraphRecord, Manifest, SamplerCodeRecord, sha256_of
 from meddpm.model.presets import get_preset
-from meddpm.model.repository import CPU_SUFFIX, SAMPLER_SUFFIX, TRT_SUFFIX
+from meddpm.model.served_model import CPU_SUFFIX, SAMPLER_SUFFIX, TRT_SUFFIX
 from meddpm.model.tensors import INPUTS, PREDICTED_NOISE
 from meddpm.model.unet import ConditionalDenoiser
-from meddpm.sampling import core
+from meddpm.sampling import sampler_files
 
 log = logging.getLogger("export")
 
@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> Manifest:
                 PREDICTED_NOISE,
                 preset.unet.downsample_factor,
             ),
-            sampler_package=SamplerCodeRecord(SAMPLER_PACKAGE, core.code_sha256(), core.FILES, meddpm.__version__),
+            sampler_package=SamplerCodeRecord(
+                SAMPLER_PACKAGE, sampler_files.code_sha256(), sampler_files.FILES, meddpm.__version__
+            ),
             verification=verification.to_dict(),
             versions=versions,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -6,8 +6,8 @@ For a model NAME the repository gets:
              (the nvidia-pytriton `tritonserver` has no onnxruntime backend), under the same tensor names;
 - NAME_trt/  a TensorRT plan, only when asked for and TensorRT is installed;
 - NAME_sampler/  the whole sampling loop (python backend, decoupled), calling NAME or NAME_cpu through BLS;
-             its version folder holds a copy of the sampling core (meddpm.sampling.core), so the server runs the
-             app's own loop and nothing else of the package.
+             its version folder holds a copy of the sampling core (the files meddpm.sampling.sampler_files
+             lists), so the server runs the app's own loop and nothing else of the package.
 Each version folder holds `manifest.json`: the preset, the source checkpoint's hash, the hashes of the graph and
 of the sampler's `meddpm` copy, package versions and the verification figures, so that a client knows exactly
 what it serves. Each config.pbtxt records the hash of what its entry runs (ONNX_SHA256, PACKAGE_SHA256), for a
@@ -28,17 +28,17 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 import meddpm
-from meddpm.atomic import staged_folder, write_text
 from meddpm.errors import ConfigurationError
 from meddpm.model.manifest import MANIFEST, ONNX_SHA256, PACKAGE_SHA256, SAMPLER_PACKAGE, Manifest
 from meddpm.model.presets import Preset
-from meddpm.model.repository import VARIANT_SUFFIXES
+from meddpm.model.served_model import VARIANT_SUFFIXES
 from meddpm.model.tensors import CONDITION, PREDICTED_NOISE, TIMESTEP, sample_shapes
-from meddpm.sampling import core, protocol
+from meddpm.output_folders import staged_folder, write_text
+from meddpm.sampling import protocol, sampler_files
 
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 SAMPLER_MODEL_SOURCE = Path(__file__).with_name("triton_sampler_model.py")
-SAMPLER_CORE_FILES = {f"{SAMPLER_PACKAGE}/{name}": core.PACKAGE / name for name in core.FILES}
+SAMPLER_CORE_FILES = {f"{SAMPLER_PACKAGE}/{name}": sampler_files.PACKAGE / name for name in sampler_files.FILES}
 SAMPLER_INSTANCES = 2
 VERSIONS_RECORDED = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")

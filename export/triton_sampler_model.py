@@ -1,9 +1,9 @@
 """Triton python-backend model: the whole Med-DDPM sampling loop on the server, its progress streamed.
 
 `python -m export` copies this file to `<name>_sampler/1/model.py`, with the sampling core of the `meddpm` package
-(meddpm.sampling.core) and the model's manifest beside it: the loop is `meddpm.sampling.loop.sample`, the one the
-app runs; only its denoiser differs (`BlsDenoiser`: each step calls the UNet model through BLS, so the tensors stay
-inside the server).
+(the files meddpm.sampling.sampler_files lists) and the model's manifest beside it: the loop is
+`meddpm.sampling.loop.sample`, the one the app runs; only its denoiser differs (`BlsDenoiser`: each step calls the
+UNet model through BLS, so the tensors stay inside the server).
 
 Requests and responses follow meddpm.sampling.protocol: one condition and a SamplingRequest in, one response per
 step with the progress, then a final one with the volumes. A cancelled request stops before its next step; any

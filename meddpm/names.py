@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-NAME_BYTES = 200  # a folder name may have 255; the staging folder beside it adds up to 20 (meddpm.atomic)
+NAME_BYTES = 200  # a folder name may have 255; the staging folder beside it adds up to 20 (meddpm.output_folders)
 _SEPARATORS = ("/", "\\", "\0")
 _SERIES_NUMBER_DIGITS = 12  # a Series Number is an Integer String (IS): at most 12 characters, digits and a sign
 

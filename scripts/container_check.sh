@@ -28,7 +28,7 @@ podman image inspect $IMAGE --format 'image {{.Id}}: {{.Size}} bytes, user {{.Co
 rm -rf "$WORK"
 mkdir -p "$WORK/models" "$WORK/output"
 chown $APP_UID:$APP_UID "$WORK/models" "$WORK/output"
-.venv/bin/python -m deploy.check_output mask "$WORK/input/head.nii.gz" >/dev/null
+.venv/bin/python -m harness.check_output mask "$WORK/input/head.nii.gz" >/dev/null
 step "export the demo model inside the container"
 podman run --rm --network=none --entrypoint python \
     -v "$PWD/models/demo:/checkpoint:ro" -v "$WORK/models:/opt/holoscan/models" \
@@ -42,7 +42,7 @@ step "the same run outside the container, on the repository exported in it"
 /usr/bin/time -f "outside the container: peak RSS %M kB, %e s wall, %P CPU" \
     .venv/bin/python -m app -i "$WORK/input" -o "$WORK/reference" -m "$WORK/models" --seed 1 -l WARN >/dev/null
 step "check"
-.venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output/head" \
+.venv/bin/python -m harness.check_output verify "$WORK/input/head.nii.gz" "$WORK/output/head" \
     --reference "$WORK/reference/head"
 
 step "synthesise in the container with the UNet on a Triton server on this host (shared memory, --ipc=host)"
@@ -54,7 +54,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deploy.local_triton import LocalTriton
+from harness.local_triton import LocalTriton
 
 work, image = Path(sys.argv[1]), sys.argv[2]
 with LocalTriton(work / "models", log_path=work / "tritonserver.log") as server:
@@ -64,5 +64,5 @@ with LocalTriton(work / "models", log_path=work / "tritonserver.log") as server:
                     "-v", f"{work}/output-triton:/var/holoscan/output", image, "--seed", "1"], check=True)
 PY
 step "check"
-.venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-triton/head" \
+.venv/bin/python -m harness.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-triton/head" \
     --reference "$WORK/reference/head" --backend "triton meddpm_demo_cpu (shm)"

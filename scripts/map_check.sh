@@ -65,7 +65,7 @@ MEDDPM_MAP_IMAGE=$IMAGE .venv/bin/python -m pytest -q -m container -p no:cachepr
 rm -rf "$WORK"
 mkdir -p "$WORK/output-workflow-manager" "$WORK/output-triton"
 chown 1000:1000 "$WORK"/output-*  # the packager's user, holoscan (UID and GID in build.json)
-.venv/bin/python -m deploy.check_output mask "$WORK/input/head.nii.gz" >/dev/null
+.venv/bin/python -m harness.check_output mask "$WORK/input/head.nii.gz" >/dev/null
 step "the same run outside the container"
 .venv/bin/python -m app -i "$WORK/input" -o "$WORK/reference" -m "$MODELS" --seed 1 -l WARN >/dev/null
 
@@ -83,7 +83,7 @@ podman run --rm --network=none --entrypoint "$(task '.entrypoint | split(",") | 
     -v "$WORK/input:$(task .env_HOLOSCAN_INPUT_PATH):ro" \
     -v "$WORK/output-workflow-manager:$(task .env_HOLOSCAN_OUTPUT_PATH)" "$IMAGE" "$(task .command)"
 echo "ran in $((SECONDS - run_start)) s"
-.venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-workflow-manager/head" \
+.venv/bin/python -m harness.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-workflow-manager/head" \
     --reference "$WORK/reference/head"
 
 step "run through the MAP's entry point with the UNet on a Triton server on this host (shared memory)"
@@ -93,7 +93,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deploy.local_triton import LocalTriton
+from harness.local_triton import LocalTriton
 
 work, models, image = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 with LocalTriton(models, log_path=work / "tritonserver.log") as server:
@@ -102,7 +102,7 @@ with LocalTriton(models, log_path=work / "tritonserver.log") as server:
                     "-v", f"{work}/input:/var/holoscan/input:ro", "-v", f"{work}/output-triton:/var/holoscan/output",
                     image, "--seed", "1", "--output-format", "nifti,dicom"], check=True)
 PY
-.venv/bin/python -m deploy.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-triton/head" \
+.venv/bin/python -m harness.check_output verify "$WORK/input/head.nii.gz" "$WORK/output-triton/head" \
     --reference "$WORK/reference/head" --backend "triton meddpm_demo_cpu (shm)"
 slices=$(find "$WORK/output-triton/head/dicom" -name '*.dcm' | wc -l)
 if [[ $slices != 32 ]]; then

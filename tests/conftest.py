@@ -96,8 +96,8 @@ def phantom():
     """A 32^3 phantom mask on an oblique 6 mm grid, its 'acquired' MR series (with patient data) and its SEG."""
     import numpy as np
 
-    from meddpm.dicom.phantoms import image_series, oblique_affine, segmentation
-    from meddpm.imaging.phantoms import make_phantom
+    from meddpm.dicom.phantom_study import image_series, oblique_affine, segmentation
+    from meddpm.imaging.phantom_heads import make_phantom
     from tests.dicom_samples import study
 
     labels, _ = make_phantom(np.random.default_rng(3), (32, 32, 32), 6.0)
@@ -108,7 +108,7 @@ def phantom():
 
 
 def served_runtime(model):
-    """The runtime the local Triton's `_cpu` model runs (deploy/local_triton.py), in this process: OpenVINO, FP32."""
+    """The runtime the local Triton's `_cpu` model runs (harness/local_triton.py), in this process: OpenVINO, FP32."""
     from meddpm.backends.openvino_denoiser import OpenVinoDenoiser
     from meddpm.backends.options import Precision
 

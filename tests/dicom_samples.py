@@ -12,8 +12,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.misc import is_dicom
 
-from meddpm.dicom import phantoms
-from meddpm.dicom.phantoms import image_series, oblique_affine
+from meddpm.dicom import phantom_study
+from meddpm.dicom.phantom_study import image_series, oblique_affine
 
 # Identifying attributes of the made-up source patient: none of these values may reach an output or a log.
 PATIENT = {
@@ -35,7 +35,7 @@ PIXEL_DATA = 0x7FE00010
 
 def study(identity: dict[str, str] = PATIENT) -> Dataset:
     """Patient and study attributes of one made-up study, by default of the patient whose data must not leak."""
-    return phantoms.study(identity)
+    return phantom_study.study(identity)
 
 
 def identifying_values() -> list[str]:

@@ -1,4 +1,4 @@
-"""The tests' Orthanc: deploy/orthanc/local_orthanc.py with DIMSE and DICOMweb on, a user and password for the REST
+"""The tests' Orthanc: harness/local_orthanc.py with DIMSE and DICOMweb on, a user and password for the REST
 and DICOMweb APIs, and stores accepted only from the AE titles registered as modalities."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from deploy.orthanc.local_orthanc import LocalOrthanc, free_port
+from harness import free_port
+from harness.local_orthanc import LocalOrthanc
 
 AE_TITLE = "ORTHANC"
 USER, PASSWORD = "meddpm", "pw-7f3a9c"  # a test server's; never a real credential

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from meddpm.imaging.geometry import ModelGrid, condition_channels
-from meddpm.imaging.phantoms import make_phantom
+from meddpm.imaging.geometry import ModelGrid
+from meddpm.imaging.phantom_heads import make_phantom
 from meddpm.model.checkpoint import load_checkpoint, save_meddpm_checkpoint
 from meddpm.model.presets import get_preset
 from meddpm.model.unet import ConditionalDenoiser, build_unet
@@ -38,7 +38,7 @@ def phantom_batch(rng: np.random.Generator, grid: ModelGrid, batch: int) -> tupl
         if rng.random() < 0.5:  # left-right mirror: heads are near-symmetric
             mask, image = mask[::-1], image[::-1]
         images.append(grid.network_axes(image)[None])
-        conditions.append(condition_channels(grid.labels_to_network(mask), preset))
+        conditions.append(grid.condition(mask))
     return torch.from_numpy(np.stack(images).copy()), torch.from_numpy(np.stack(conditions))
 
 

@@ -1,1 +1,1 @@
-"""Orthanc as the research PACS: the synthesis plugin, its demo and the viewer check."""
+"""Orthanc as the research PACS: its configuration and the synthesis plugin."""

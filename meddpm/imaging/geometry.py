@@ -68,6 +68,10 @@ class ModelGrid:
         """(X, Y, Z) label mask -> label volume on the network grid (D, H, W)."""
         return self._fit(self._resample_labels(labels))
 
+    def condition(self, labels: np.ndarray) -> np.ndarray:
+        """(X, Y, Z) label mask -> the network's condition channels (L, D, H, W), as the pipeline feeds them."""
+        return condition_channels(self.labels_to_network(labels), self.preset)
+
     def fit_labels(self, labels: np.ndarray) -> LabelFit:
         """The mask's labels on the network grid, with how many voxels of each label got there."""
         resampled = self._resample_labels(labels)

@@ -33,7 +33,7 @@ class MaskKind(StrEnum):
 @dataclasses.dataclass(frozen=True)
 class MaskInput:
     """One mask of the input, not yet read: a NIfTI file, a DICOM SEG, the slices of a label-map series, or an
-    input refused before reading (meddpm.mask_inputs)."""
+    input refused before reading (meddpm.input_folders)."""
 
     name: str  # its output folder's name; for a refused input, a printable label for the run's summary
     kind: MaskKind

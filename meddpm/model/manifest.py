@@ -50,7 +50,7 @@ class GraphRecord:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerCodeRecord:
-    """The sampling core copied beside the sampler's model.py (meddpm.sampling.core)."""
+    """The sampling core copied beside the sampler's model.py (meddpm.sampling.sampler_files)."""
 
     folder: str
     sha256: str  # tree hash of `files` (sha256_of)

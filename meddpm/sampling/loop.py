@@ -13,7 +13,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +27,42 @@ from meddpm.sampling.request import SamplingRequest
 from meddpm.sampling.schedulers import make_scheduler
 
 Progress = Callable[[int, int, float], None]  # (steps done, steps in all, seconds elapsed)
+
+
+class Sampler(Protocol):
+    """What runs the sampling loop for a pipeline: `DenoiserLoop` here, or the loop inside Triton
+    (meddpm.backends.triton_client.server_loop.TritonServerLoop). `name` says which, for the record."""
+
+    name: str
+
+    def sample(
+        self,
+        condition: np.ndarray,
+        request: SamplingRequest,
+        preset: Preset,
+        *,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> np.ndarray: ...
+
+
+class DenoiserLoop:
+    """The loop run in this process (`sample`), each step's UNet call made by `denoiser`."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+        self.name = denoiser.name
+
+    def sample(
+        self,
+        condition: np.ndarray,
+        request: SamplingRequest,
+        preset: Preset,
+        *,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> np.ndarray:
+        return sample(self.denoiser, condition, request, preset, progress=progress, stop=stop)
 
 
 def sample(

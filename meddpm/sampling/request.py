@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 
 from meddpm.errors import ConfigurationError
 from meddpm.model.presets import ScheduleConfig, Scheduler
-from meddpm.sampling.schedulers import check_steps
+from meddpm.sampling.schedulers import check_steps, default_steps
 
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the server-side loop passes a seed as a gRPC int64
 
@@ -20,6 +21,24 @@ class SamplingRequest:
     steps: int
     seed: int
     samples: int = 1
+
+    @classmethod
+    def resolve(
+        cls,
+        schedule: ScheduleConfig,
+        scheduler: Scheduler | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        samples: int = 1,
+    ) -> SamplingRequest:
+        """A checked request; what is not given is the preset's (scheduler, then that scheduler's steps), and a
+        seed not given is drawn at random (the record keeps it)."""
+        scheduler = scheduler or schedule.default_scheduler
+        steps = steps or default_steps(scheduler, schedule)
+        seed = seed if seed is not None else secrets.randbelow(2**31)
+        request = cls(scheduler, steps, seed, samples)
+        request.check(schedule)
+        return request
 
     @property
     def seeds(self) -> list[int]:

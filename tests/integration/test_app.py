@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meddpm.imaging.phantoms import BRAIN, TUMOUR, dice, make_phantom, segment
+from meddpm.imaging.phantom_heads import BRAIN, TUMOUR, dice, make_phantom, segment
 from meddpm.model.manifest import sha256_of
 from tests.conftest import REPO, edit_weights
 from tests.helpers import PATIENT, imported_modules, run_app, write_mask

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-from deploy.dciodvfy import dciodvfy_errors
-from meddpm.dicom.phantoms import segmentation
+from harness.dciodvfy import dciodvfy_errors
+from meddpm.dicom.phantom_study import segmentation
 from tests.conftest import REPO
 from tests.dicom_samples import leaked_values, save
 

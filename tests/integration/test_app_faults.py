@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from deploy.local_triton import free_port
-from meddpm.imaging.phantoms import make_phantom
+from harness import free_port
+from meddpm.imaging.phantom_heads import make_phantom
 from tests.conftest import REPO
 from tests.helpers import FAST, run_app, run_on_tmpfs, write_mask
 
@@ -61,7 +61,7 @@ def test_a_mask_never_touches_anything_outside_its_own_output_folder(demo_reposi
 
 def test_a_full_disk_is_named_and_leaves_nothing_behind(demo_repository, phantom, tmp_path):
     """The output folder is a 48 KiB tmpfs (a private mount namespace): the mask's outputs do not fit, and it is
-    refused before it is sampled (a write that fails all the same: tests/unit/test_atomic.py)."""
+    refused before it is sampled (a write that fails all the same: tests/unit/test_output_folders.py)."""
     write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
     out = tmp_path / "out"
     out.mkdir()

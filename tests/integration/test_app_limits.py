@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from benchmarks.mask_memory import head_mask
-from meddpm.imaging.phantoms import make_phantom
+from meddpm.imaging.phantom_heads import make_phantom
 from tests.conftest import REPO
 from tests.helpers import FAST, SAMPLING, run_on_tmpfs, write_mask
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from deploy.local_triton import DEFAULT_VENV
+from harness.local_triton import DEFAULT_VENV
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

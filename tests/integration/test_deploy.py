@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from deploy import check_output
+from harness import check_output
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meddpm.imaging.phantoms import make_phantom
+from meddpm.imaging.phantom_heads import make_phantom
 from tests.helpers import run_app
 from tests.model_samples import MODEL, copy_repository, edit_manifest, install_graph, manifest_path, nan_graph
 

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from deploy.local_triton import free_port
-from meddpm.imaging.phantoms import make_phantom
+from harness import free_port
+from meddpm.imaging.phantom_heads import make_phantom
 from tests.conftest import REPO
 from tests.helpers import FAST, write_mask
 

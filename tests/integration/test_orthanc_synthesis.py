@@ -18,9 +18,9 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
-from deploy.dciodvfy import dciodvfy_errors
-from deploy.orthanc.viewer import screenshot_series
-from meddpm.dicom.phantoms import phantom_study
+from harness.dciodvfy import dciodvfy_errors
+from harness.viewer import screenshot_series
+from meddpm.dicom.phantom_study import phantom_study
 from tests.conftest import REPO
 from tests.dicom_samples import PATIENT, leaked_values
 from tests.orthanc import PASSWORD, USER, OrthancServer, c_store

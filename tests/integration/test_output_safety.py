@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from meddpm.atomic import OWNER_MARK
-from meddpm.imaging.phantoms import make_phantom
+from meddpm.imaging.phantom_heads import make_phantom
+from meddpm.output_folders import OWNER_MARK
 from tests.dicom_samples import label_map_series
 from tests.helpers import FAST, run_app, write_mask
 

@@ -17,15 +17,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from requests import Session
 
-from deploy.dciodvfy import dciodvfy_errors
+from harness.dciodvfy import dciodvfy_errors
 from meddpm.dicom.options import CStoreDestination, DicomOptions
 from meddpm.dicom.pacs import PacsExporter, dicomweb_credentials
-from meddpm.dicom.phantoms import image_series, oblique_affine, segmentation
+from meddpm.dicom.phantom_study import image_series, oblique_affine, segmentation
 from meddpm.dicom.reader import read_dicom_mask
 from meddpm.dicom.writer import Provenance, study_identity, write_series
 from meddpm.errors import ConfigurationError, PacsError
-from meddpm.imaging.phantoms import make_phantom
-from meddpm.mask_inputs import find_mask_inputs
+from meddpm.imaging.phantom_heads import make_phantom
+from meddpm.input_folders import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
 from tests.conftest import REPO
 from tests.dicom_samples import leaked_values, save, study
@@ -284,7 +284,7 @@ def test_dicomweb_credentials_are_used_and_never_logged(orthanc, source, tmp_pat
 
 
 def test_unreachable_pacs_is_retried_then_reported(tmp_path, source):
-    from tests.orthanc import free_port
+    from harness import free_port
 
     files = write_synthetic(tmp_path, source[3])
     closed = CStoreDestination("ORTHANC", "127.0.0.1", free_port())

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from deploy.local_triton import DEFAULT_VENV, LocalTriton
+from harness.local_triton import DEFAULT_VENV, LocalTriton
 from meddpm.backends.triton_client.client import TritonDenoiser
 from meddpm.backends.triton_client.options import RetryPolicy
 from meddpm.backends.triton_client.server_loop import TritonServerLoop
 from meddpm.errors import ConfigurationError, Interrupted, ModelError, ServerError
 from meddpm.imaging.geometry import condition_channels
-from meddpm.imaging.phantoms import make_phantom
-from meddpm.model.repository import ServedModel, find_model
-from meddpm.sampling import core
+from meddpm.imaging.phantom_heads import make_phantom
+from meddpm.model.served_model import ServedModel, find_model
+from meddpm.sampling import sampler_files
 from meddpm.sampling.loop import sample
 from meddpm.sampling.request import SamplingRequest
 from tests.conftest import REPO, edit_weights, served_runtime
@@ -232,7 +232,7 @@ def test_bad_settings_come_back_as_configuration_errors(triton, model):
 
 def test_a_sampler_of_other_code_or_another_export_is_refused_naming_both_hashes(triton, model, monkeypatch):
     package = model.manifest.sampler_package
-    assert package.sha256 == core.code_sha256()  # the server runs this app's own sampling code
+    assert package.sha256 == sampler_files.code_sha256()  # the server runs this app's own sampling code
     other_code = dataclasses.replace(package, sha256="0" * 64)
     other = dataclasses.replace(model, manifest=dataclasses.replace(model.manifest, sampler_package=other_code))
     with pytest.raises(
@@ -241,7 +241,7 @@ def test_a_sampler_of_other_code_or_another_export_is_refused_naming_both_hashes
         f"\\(tree SHA-256 {'0' * 64}\\), and this app's differs \\({package.sha256}\\)",
     ):
         server_loop(triton, other)
-    monkeypatch.setattr(core, "code_sha256", lambda: "0" * 64)  # an app of that code, against this server
+    monkeypatch.setattr(sampler_files, "code_sha256", lambda: "0" * 64)  # an app of that code, against this server
     with pytest.raises(
         ModelError,
         match=f"'meddpm_demo_sampler' at {triton.url} records package_sha256 "

@@ -1,4 +1,4 @@
-"""The UNet served by a real Triton server (deploy/local_triton.py), driven over gRPC; faults against the real
+"""The UNet served by a real Triton server (harness/local_triton.py), driven over gRPC; faults against the real
 server."""
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from deploy.local_triton import DEFAULT_VENV, LocalTriton, free_port, server_processes
 from export.cli import main as export_main
+from harness import free_port
+from harness.local_triton import DEFAULT_VENV, LocalTriton, server_processes
 from meddpm.backends.triton_client.client import TritonDenoiser, is_this_host
 from meddpm.backends.triton_client.options import RetryPolicy
 from meddpm.errors import ConfigurationError, ModelError, ServerError
 from meddpm.imaging.geometry import condition_channels
-from meddpm.imaging.phantoms import make_phantom
+from meddpm.imaging.phantom_heads import make_phantom
 from meddpm.model.checkpoint import save_meddpm_checkpoint
 from meddpm.model.presets import Scheduler
-from meddpm.model.repository import ServedModel, find_model
+from meddpm.model.served_model import ServedModel, find_model
 from meddpm.model.unet import build_unet
 from meddpm.sampling.loop import sample
 from meddpm.sampling.request import SamplingRequest
@@ -423,7 +424,7 @@ def test_sigterm_stops_the_local_server_it_started_and_its_log_is_outside_the_re
     command = [
         sys.executable,
         "-m",
-        "deploy.local_triton",
+        "harness.local_triton",
         "--repository",
         served_repository,
         "--grpc-port",

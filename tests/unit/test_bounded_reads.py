@@ -13,10 +13,10 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
-from meddpm.dicom.phantoms import image_series
+from meddpm.dicom.phantom_study import image_series
 from meddpm.errors import InputError
 from meddpm.imaging.masks import read_mask
-from meddpm.mask_inputs import find_mask_inputs, read_mask_input
+from meddpm.input_folders import find_mask_inputs, read_mask_input
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
 from tests.dicom_samples import save, study
 

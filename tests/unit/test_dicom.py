@@ -11,14 +11,14 @@ import pydicom
 import pytest
 from nibabel.orientations import io_orientation
 
-from deploy.dciodvfy import dciodvfy_errors
+from harness.dciodvfy import dciodvfy_errors
 from meddpm.dicom.options import DicomOptions, SegmentMap
-from meddpm.dicom.phantoms import image_series, oblique_affine, segmentation
+from meddpm.dicom.phantom_study import image_series, oblique_affine, segmentation
 from meddpm.dicom.reader import SEG_SOP_CLASS, read_dicom_mask
 from meddpm.dicom.writer import DISPLAY_AXES, Provenance, study_identity, write_series, write_synthesis
 from meddpm.errors import InputError
 from meddpm.imaging.geometry import LPS_TO_RAS
-from meddpm.mask_inputs import find_mask_inputs
+from meddpm.input_folders import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
 from tests.dicom_samples import PATIENT, leaked_values, save
 

@@ -16,7 +16,7 @@ from export.cli import main as export_main
 from meddpm.errors import ExportVerificationError, ModelError
 from meddpm.model.checkpoint import save_meddpm_checkpoint
 from meddpm.model.manifest import ONNX_SHA256, PACKAGE_SHA256, Manifest, sha256_of
-from meddpm.model.repository import find_model, read_config
+from meddpm.model.served_model import find_model, read_config
 from meddpm.model.tensors import CONDITION, INPUTS, NOISY_IMAGE, PREDICTED_NOISE, TIMESTEP
 from meddpm.model.unet import (
     AttentionBlock,
@@ -24,7 +24,7 @@ from meddpm.model.unet import (
     build_unet,
     timestep_embedding,
 )
-from meddpm.sampling import core
+from meddpm.sampling import sampler_files
 from tests.conftest import REPO, TEST_DATA, edit_weights, randomise
 
 
@@ -134,7 +134,7 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
         and sampler.parameters["unet_models"].string_value == "meddpm_tiny,meddpm_tiny_cpu"
     )
     copied = repo / "meddpm_tiny_sampler" / "1" / "meddpm"  # the app's own loop, and only the sampling core
-    assert sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*.py")) == sorted(core.FILES)
+    assert sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*.py")) == sorted(sampler_files.FILES)
 
     manifest = Manifest.read(repo / "meddpm_tiny" / "1" / "manifest.json")
     assert manifest.checkpoint.file == "tiny.pt" and len(manifest.checkpoint.sha256) == 64
@@ -142,7 +142,8 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
     onnx_sha256 = sha256_of(repo / "meddpm_tiny" / "1" / "model.onnx")
     package_sha256 = sha256_of(repo / "meddpm_tiny_sampler" / "1" / "meddpm")
     assert (
-        manifest.onnx.sha256 == onnx_sha256 and manifest.sampler_package.sha256 == package_sha256 == core.code_sha256()
+        manifest.onnx.sha256 == onnx_sha256
+        and manifest.sampler_package.sha256 == package_sha256 == sampler_files.code_sha256()
     )
     for entry in ("meddpm_tiny", "meddpm_tiny_cpu"):
         assert read_config(repo / entry).parameters[ONNX_SHA256].string_value == onnx_sha256

@@ -9,8 +9,8 @@ import pytest
 from meddpm.errors import InputError
 from meddpm.imaging.geometry import ModelGrid, check_label_fit, condition_channels
 from meddpm.imaging.masks import read_mask
-from meddpm.imaging.phantoms import make_phantom
-from meddpm.mask_inputs import find_mask_inputs
+from meddpm.imaging.phantom_heads import make_phantom
+from meddpm.input_folders import find_mask_inputs
 from meddpm.model.presets import get_preset
 from tests.conftest import TEST_DATA
 

@@ -9,24 +9,24 @@ import sys
 import textwrap
 
 from meddpm.model.manifest import sha256_of
-from meddpm.sampling import core
+from meddpm.sampling import sampler_files
 from tests.conftest import REPO
 from tests.helpers import imported_modules
 
 
 def test_the_sampling_core_runs_from_its_copy_alone(tmp_path):
-    """What the `_sampler` model ships (meddpm.sampling.core.FILES) is enough to run the loop, and hashes as the
-    manifest records it."""
-    for name in core.FILES:
+    """What the `_sampler` model ships (meddpm.sampling.sampler_files.FILES) is enough to run the loop, and hashes
+    as the manifest records it."""
+    for name in sampler_files.FILES:
         (tmp_path / "meddpm" / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(core.PACKAGE / name, tmp_path / "meddpm" / name)
+        shutil.copyfile(sampler_files.PACKAGE / name, tmp_path / "meddpm" / name)
     script = textwrap.dedent(f"""
         import contextlib, sys
         sys.path.insert(0, {str(tmp_path)!r})
         import numpy as np
         from meddpm.model.presets import Preset
         from meddpm.model.manifest import sha256_of
-        from meddpm.sampling import core, protocol
+        from meddpm.sampling import sampler_files, protocol
         from meddpm.sampling.denoiser import Denoiser
         from meddpm.sampling.loop import sample
 
@@ -49,12 +49,12 @@ def test_the_sampling_core_runs_from_its_copy_alone(tmp_path):
         assert image.shape == (2, 1, 4, 4, 4)
         ours = sorted(m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "meddpm")
         assert all(path.startswith({str(tmp_path)!r}) for path in ours), ours
-        print(core.code_sha256(), sha256_of(core.PACKAGE))
+        print(sampler_files.code_sha256(), sha256_of(sampler_files.PACKAGE))
     """)
     result = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     in_copy, copy_tree = result.stdout.split()
-    assert in_copy == copy_tree == sha256_of(tmp_path / "meddpm") == core.code_sha256()
+    assert in_copy == copy_tree == sha256_of(tmp_path / "meddpm") == sampler_files.code_sha256()
 
 
 def test_help_loads_no_sdk_dicom_pacs_or_triton_library():

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto
 
 from meddpm.errors import ModelError
-from meddpm.model.repository import find_model
+from meddpm.model.served_model import find_model
 from tests.model_samples import MODEL, copy_repository, edit_manifest, install_graph, manifest_path, nan_graph, volume
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import pytest
@@ -196,3 +197,39 @@ def test_a_mistyped_choice_is_refused_naming_the_nearest_and_every_allowed_value
     with pytest.raises(ValueError, match=r"'euler' is not a scheduler; choose one of ddpm, ddim, dpmpp2m, deis"):
         parse_choice(Scheduler, "euler", "scheduler")
     assert parse_choice(Scheduler, "ddim", "scheduler") is Scheduler.DDIM
+
+
+class NotANumber(ScaledSample):
+    name = "nan"
+
+    @contextlib.contextmanager
+    def conditioned(self, condition):
+        yield lambda noisy_image, timestep: np.full_like(noisy_image, np.nan)
+
+
+def test_the_pipeline_gives_volumes_on_the_masks_grid_whatever_the_batch(demo_repository):
+    """The core's per-mask pipeline: a mask on its own (oblique, 5 mm) grid in, one volume per seed on that grid
+    out, the same whatever the batch size; a stop ends it before a step, a model's NaN is a ModelError."""
+    from meddpm.dicom.phantom_study import oblique_affine
+    from meddpm.errors import Interrupted, ModelError
+    from meddpm.imaging.masks import LabelMask
+    from meddpm.imaging.phantom_heads import make_phantom
+    from meddpm.model.served_model import find_model
+    from meddpm.sampling.loop import DenoiserLoop
+    from meddpm.synthesis import SynthesisPipeline
+
+    model = find_model(demo_repository)
+    labels, _ = make_phantom(np.random.default_rng(2), (30, 36, 33), 5.0)
+    mask = LabelMask("head", labels, oblique_affine(labels.shape, 5.0), "head.nii.gz")
+    request = SamplingRequest(Scheduler.DDIM, 3, seed=4, samples=3)
+    one, three = (SynthesisPipeline(model, DenoiserLoop(ScaledSample()), size)(mask, request) for size in (1, 3))
+    assert [v.shape for v in one.samples] == [(1, 30, 36, 33)] * 3
+    assert all(np.array_equal(a, b) for a, b in zip(one.samples, three.samples))
+    assert not np.array_equal(one.samples[0], one.samples[1])  # seeds 4, 5, 6
+    assert one.record["seeds"] == [4, 5, 6] and one.record["backend"] == "fake" and one.record["grid"]["resampled"]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted, match="stopped at step 1 of 3"):
+        SynthesisPipeline(model, DenoiserLoop(ScaledSample()))(mask, request, stop=stop)
+    with pytest.raises(ModelError, match=r"model\.onnx: the model computed non-finite values"):
+        SynthesisPipeline(model, DenoiserLoop(NotANumber()))(mask, request)

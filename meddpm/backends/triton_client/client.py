@@ -32,7 +32,7 @@ from meddpm.backends.triton_client.options import RetryPolicy, Transport
 from meddpm.backends.triton_client.shared_memory import CONTROL_TIMEOUT_S, SharedMemoryRegions
 from meddpm.errors import ConfigurationError, ModelError, ServerError
 from meddpm.model.manifest import ONNX_SHA256
-from meddpm.model.repository import CPU_SUFFIX, ServedModel
+from meddpm.model.served_model import CPU_SUFFIX, ServedModel
 from meddpm.model.tensors import CONDITION, INPUTS, NOISY_IMAGE, PREDICTED_NOISE, TIMESTEP, sample_shapes
 from meddpm.retry import Backoff
 from meddpm.sampling.denoiser import Denoiser, NoisePredictor
@@ -116,7 +116,7 @@ class TritonDenoiser(Denoiser):
         wanted = " or ".join(f"'{name}'" for name in candidates)
         raise ServerError(
             f"Triton at {self.url}: model {wanted} not ready after {self.policy.window_s:.0f} s ({last_error}); "
-            f"start the server (python -m deploy.local_triton, or deploy/README.md), load the model, or check "
+            f"start the server (python -m harness.local_triton, or deploy/README.md), load the model, or check "
             f"TRITON_SERVER_NETLOC / --triton-model"
         )
 

@@ -24,9 +24,9 @@ from meddpm.backends.triton_client.shared_memory import CONTROL_TIMEOUT_S
 from meddpm.errors import Interrupted, MedDDPMError, ModelError, ServerError
 from meddpm.model.manifest import PACKAGE_SHA256
 from meddpm.model.presets import Preset
-from meddpm.model.repository import SAMPLER_SUFFIX
+from meddpm.model.served_model import SAMPLER_SUFFIX
 from meddpm.model.tensors import CONDITION
-from meddpm.sampling import core, protocol
+from meddpm.sampling import protocol, sampler_files
 from meddpm.sampling.loop import Progress
 from meddpm.sampling.request import SamplingRequest
 
@@ -71,7 +71,7 @@ class TritonServerLoop:
 
     def _check_sampling_code(self) -> None:
         """The exported sampling core must be this app's, or the server's volumes would differ from the app's."""
-        exported, own = self.denoiser.model.manifest.sampler_package, core.code_sha256()
+        exported, own = self.denoiser.model.manifest.sampler_package, sampler_files.code_sha256()
         if exported.sha256 != own:
             raise ModelError(
                 f"{self.denoiser.model.manifest_path}: the server-side loop '{self.sampler_name}' was exported with "

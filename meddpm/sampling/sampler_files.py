@@ -21,7 +21,7 @@ FILES = (  # relative to PACKAGE; tests/unit/test_sampling.py imports the loop f
     "model/tensors.py",
     "model/manifest.py",
     "sampling/__init__.py",
-    "sampling/core.py",
+    "sampling/sampler_files.py",
     "sampling/denoiser.py",
     "sampling/loop.py",
     "sampling/protocol.py",

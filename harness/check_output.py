@@ -1,7 +1,7 @@
 """Check one synthesis result folder: what scripts/container_check.sh runs on the container's output.
 
-    python -m deploy.check_output mask OUT/head.nii.gz                      # write the check's phantom mask
-    python -m deploy.check_output verify OUT/head.nii.gz OUT/result/head [--reference HOST_RESULT/head] [--backend B]
+    python -m harness.check_output mask OUT/head.nii.gz                      # write the check's phantom mask
+    python -m harness.check_output verify OUT/head.nii.gz OUT/result/head [--reference HOST_RESULT/head] [--backend B]
 
 `verify` prints one line per finding and exits 1 if any: the files are there, the volume lies on the mask's
 grid, holds finite values in the model range, draws the head the mask asks for (brain Dice, as the app tests),
@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from meddpm.imaging.phantoms import BRAIN, dice, make_phantom, segment
+from meddpm.imaging.phantom_heads import BRAIN, dice, make_phantom, segment
 
 MASK_RNG_SEED = 2024  # the phantom of tests/test_app.py's quality test; with --seed 1 its brain Dice is > 0.8
 MIN_BRAIN_DICE = 0.8
@@ -78,7 +78,7 @@ def problems(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.check_output", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.check_output", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("mask").add_argument("path", type=Path)
     verify = commands.add_parser("verify")

@@ -2,7 +2,7 @@
 a phantom MR study and its SEG stored through Orthanc's DICOM port, as a segmentation tool sends them; the synthetic
 series that comes back, checked with dciodvfy and opened in the Web Viewer by headless Chromium.
 
-    python -m deploy.orthanc.demo [--out build/pacs-demo] [--models REPOSITORY] [--keep-running]
+    python -m harness.pacs_demo [--out build/pacs-demo] [--models REPOSITORY] [--keep-running]
 
 Orthanc's settings are those of deploy/orthanc/orthanc.json, with this checkout's paths and free loopback ports.
 Everything it starts is stopped at the end, unless --keep-running (then Ctrl-C stops it).
@@ -18,13 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.dciodvfy import dciodvfy_errors
-from deploy.orthanc.local_orthanc import LocalOrthanc, free_port
-from deploy.orthanc.viewer import screenshot_series
-from meddpm.dicom.phantoms import phantom_study
+from harness import free_port
+from harness.dciodvfy import dciodvfy_errors
+from harness.local_orthanc import LocalOrthanc
+from harness.viewer import screenshot_series
+from meddpm.dicom.phantom_study import phantom_study
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
+SITE = REPO / "deploy" / "orthanc"  # the configuration and plugin a site runs
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"
 CALLING_AE = "SEGTOOL"  # the segmentation tool that stores the SEG
 METADATA = "MeddpmSynthesis"
@@ -32,9 +33,9 @@ METADATA = "MeddpmSynthesis"
 
 def orthanc_config(models: Path, jobs: Path) -> dict:
     """deploy/orthanc/orthanc.json with this checkout's app, the demo's models, and the demo's calling AE title."""
-    config = json.loads((HERE / "orthanc.json").read_text())
+    config = json.loads((SITE / "orthanc.json").read_text())
     config.pop("Plugins")  # LocalOrthanc adds them from Debian's plugin folder
-    config["PythonScript"] = str(HERE / "synthesis_plugin.py")
+    config["PythonScript"] = str(SITE / "synthesis_plugin.py")
     config["StableAge"] = 2
     config["DicomModalities"] = {"segtool": [CALLING_AE, "127.0.0.1", free_port()]}
     config[METADATA].update(
@@ -59,7 +60,7 @@ def wait_for_job(orthanc: LocalOrthanc, series: str, timeout_s: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.orthanc.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.pacs_demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "build" / "pacs-demo")
     parser.add_argument("--models", type=Path, help="model repository (default: the demo model, exported into OUT)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the synthetic series")

@@ -1,4 +1,4 @@
-"""Debian's Orthanc on free loopback ports, with plugins, for the PACS demo (deploy/orthanc/demo.py) and the tests.
+"""Debian's Orthanc on free loopback ports, with plugins, for the PACS demo (harness/pacs_demo.py) and the tests.
 
 `LocalOrthanc(folder, config, plugins)` writes `config` (ports, storage in `folder` added) and starts Orthanc;
 stop() and start() again keep its storage, as a restart of a PACS does.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,15 +17,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from harness import free_port
 from meddpm.errors import ConfigurationError, PacsError
 
 PLUGINS = Path("/usr/share/orthanc/plugins")  # Debian's orthanc-dicomweb, orthanc-python, orthanc-webviewer
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LocalOrthanc:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from meddpm.atomic import OWNER_MARK, OwnerMark, Writer, remove_leftovers, staged_folder
 from meddpm.errors import OutputError
+from meddpm.output_folders import OWNER_MARK, OwnerMark, Writer, remove_leftovers, staged_folder
 from tests.conftest import REPO
 
 # A writer that swaps versions of one folder into place until killed; each version holds two files with one token.
@@ -22,7 +22,7 @@ from tests.conftest import REPO
 WRITER = """
 import sys, uuid
 from pathlib import Path
-from meddpm.atomic import staged_folder
+from meddpm.output_folders import staged_folder
 from meddpm.errors import OutputError
 target, swaps = Path(sys.argv[1]), int(sys.argv[2])
 written = refused = 0
@@ -43,7 +43,7 @@ print("done", written, refused, flush=True)
 HOLDER = """
 import sys, time
 from pathlib import Path
-from meddpm.atomic import staged_folder
+from meddpm.output_folders import staged_folder
 with staged_folder(Path(sys.argv[1])) as staging:
     (staging / "a").write_text("unfinished")
     print("holding", flush=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from meddpm.errors import InputError
-from meddpm.mask_inputs import find_mask_inputs
+from meddpm.input_folders import find_mask_inputs
 from meddpm.names import NAME_BYTES
 from tests.dicom_samples import label_map_series
 
@@ -125,7 +125,7 @@ def test_the_same_dicom_mask_in_two_folders_gets_two_names(tmp_path, phantom):
 
 def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
     from meddpm.errors import ConfigurationError
-    from meddpm.mask_inputs import keep_outputs_apart
+    from meddpm.input_folders import keep_outputs_apart
 
     (tmp_path / "d").mkdir()
     nifti(tmp_path / "d" / "phantom_00.nii.gz")
@@ -138,7 +138,7 @@ def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
 
 def test_a_mask_whose_output_folder_holds_input_files_is_refused(tmp_path):
     """-i data/sub-01/sub-01.nii.gz -o data: the output folder data/sub-01 is the input's own folder."""
-    from meddpm.mask_inputs import keep_outputs_apart
+    from meddpm.input_folders import keep_outputs_apart
 
     (tmp_path / "data" / "sub-01").mkdir(parents=True)
     mask = nifti(tmp_path / "data" / "sub-01" / "sub-01.nii.gz")

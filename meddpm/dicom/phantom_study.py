@@ -1,5 +1,5 @@
 """Phantom DICOM studies: an "acquired" MR series of a phantom head with a made-up patient, and its DICOM SEG, as a
-scanner and a segmentation tool would send them to a PACS. For the PACS demo (deploy/orthanc/demo.py) and the tests;
+scanner and a segmentation tool would send them to a PACS. For the PACS demo (harness/pacs_demo.py) and the tests;
 nothing here is real patient data."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from meddpm.imaging.geometry import LPS_TO_RAS
-from meddpm.imaging.phantoms import make_phantom
+from meddpm.imaging.phantom_heads import make_phantom
 
 # A made-up patient: enough identity for a PACS to file the study, and for the identity policy to show what it does.
 PHANTOM_PATIENT = {

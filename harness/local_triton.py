@@ -6,7 +6,7 @@ backend, so it loads the `<name>_cpu` entries that `python -m export` writes: th
 names, run by ONNX Runtime inside the python backend; and the `<name>_sampler` entries (the server-side
 sampling loop, which calls them).
 
-    python -m deploy.local_triton --repository model_repository      # serves until Ctrl-C
+    python -m harness.local_triton --repository model_repository      # serves until Ctrl-C
 
 Tests use `LocalTriton` directly: start(), stop(), kill(), and the same ports again after a restart.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,20 +24,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from harness import free_port
 from meddpm.errors import ConfigurationError, ModelError, ServerError
 from meddpm.model.manifest import MANIFEST
-from meddpm.model.repository import CPU_SUFFIX, SAMPLER_SUFFIX, read_config
+from meddpm.model.served_model import CPU_SUFFIX, SAMPLER_SUFFIX, read_config
 from meddpm.retry import Backoff
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-triton"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def servable_entries(repository: Path) -> list[str]:
@@ -192,7 +186,7 @@ class LocalTriton:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.local_triton", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.local_triton", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--repository",
         type=Path,
