@@ -15,7 +15,7 @@ from meddpm.errors import MedDDPMError
 from meddpm.model.checkpoint import load_checkpoint
 from meddpm.model.manifest import SAMPLER_PACKAGE, CheckpointRecord, GraphRecord, Manifest, SamplerCodeRecord, sha256_of
 from meddpm.model.presets import get_preset
-from meddpm.model.served_model import CPU_SUFFIX, SAMPLER_SUFFIX, TRT_SUFFIX
+from meddpm.model.served_model import Entry
 from meddpm.model.tensors import INPUTS, PREDICTED_NOISE
 from meddpm.model.unet import ConditionalDenoiser
 from meddpm.sampling import sampler_files
@@ -89,25 +89,25 @@ def run(args: argparse.Namespace) -> Manifest:
         entries = {
             name: (
                 repository.model_config(
-                    name, preset, "onnx", args.max_batch_size, onnx_sha256, args.tensorrt_accelerator
+                    name, preset, Entry.UNET, args.max_batch_size, onnx_sha256, args.tensorrt_accelerator
                 ),
                 {"model.onnx": onnx_path},
             ),
-            name + CPU_SUFFIX: (
-                repository.model_config(name + CPU_SUFFIX, preset, "cpu", args.max_batch_size, onnx_sha256),
+            name + Entry.CPU: (
+                repository.model_config(name + Entry.CPU, preset, Entry.CPU, args.max_batch_size, onnx_sha256),
                 {"model.onnx": onnx_path, "model.py": repository.PYTHON_MODEL_SOURCE},
             ),
         }
         if args.tensorrt_plan:
             plan_path = Path(work) / "model.plan"
             tensorrt_plan.build_plan(onnx_path, plan_path, preset, args.max_batch_size)
-            entries[name + TRT_SUFFIX] = (
-                repository.model_config(name + TRT_SUFFIX, preset, "plan", args.max_batch_size, onnx_sha256),
+            entries[name + Entry.TRT] = (
+                repository.model_config(name + Entry.TRT, preset, Entry.TRT, args.max_batch_size, onnx_sha256),
                 {"model.plan": plan_path},
             )
-        entries[name + SAMPLER_SUFFIX] = (  # the loop on the server, calling any of the UNet entries
+        entries[name + Entry.SAMPLER] = (  # the loop on the server, calling any of the UNet entries
             repository.sampler_config(
-                name + SAMPLER_SUFFIX, preset, list(entries), args.max_batch_size, manifest.sampler_package.sha256
+                name + Entry.SAMPLER, preset, list(entries), args.max_batch_size, manifest.sampler_package.sha256
             ),
             {"model.py": repository.SAMPLER_MODEL_SOURCE, **repository.SAMPLER_CORE_FILES},
         )

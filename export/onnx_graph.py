@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 
 from meddpm.errors import ExportVerificationError
-from meddpm.model.presets import Preset
+from meddpm.model.presets import ConditionScale, Preset
 from meddpm.model.tensors import CONDITION, INPUTS, NOISY_IMAGE, PREDICTED_NOISE, TIMESTEP
 from meddpm.model.unet import ConditionalDenoiser
 
@@ -75,7 +75,9 @@ def export_onnx(model: ConditionalDenoiser, preset: Preset, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=1024)
     spatial = {0: batch, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC, 4: torch.export.Dim.DYNAMIC}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter warns about its own axis renaming
+        # torch's exporter warns that the inputs share the one batch axis (as meant), and about its own tree code
+        warnings.filterwarnings("ignore", r"# The axis name: batch will not be used", UserWarning)
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
         program = torch.onnx.export(
             model.eval(),
             tuple(example.values()),
@@ -142,5 +144,5 @@ def _random_inputs(
     shape = (batch, *grid)
     noisy = torch.randn(shape[:1] + (preset.out_channels,) + shape[1:], generator=generator)
     condition = torch.randint(0, 2, shape[:1] + (preset.condition_channels,) + shape[1:], generator=generator)
-    condition = condition.float() * 2 - 1 if preset.condition.scale == "symmetric" else condition.float()
+    condition = condition.float() * 2 - 1 if preset.condition.scale == ConditionScale.SYMMETRIC else condition.float()
     return dict(zip(INPUTS, (noisy, condition, torch.tensor(timesteps, dtype=torch.float32))))

@@ -31,7 +31,7 @@ import meddpm
 from meddpm.errors import ConfigurationError
 from meddpm.model.manifest import MANIFEST, ONNX_SHA256, PACKAGE_SHA256, SAMPLER_PACKAGE, Manifest
 from meddpm.model.presets import Preset
-from meddpm.model.served_model import VARIANT_SUFFIXES
+from meddpm.model.served_model import VARIANT_SUFFIXES, Entry
 from meddpm.model.tensors import CONDITION, PREDICTED_NOISE, TIMESTEP, sample_shapes
 from meddpm.output_folders import staged_folder, write_text
 from meddpm.sampling import protocol, sampler_files
@@ -55,17 +55,19 @@ def check_model_name(name: str) -> None:
 
 
 def model_config(
-    name: str, preset: Preset, kind: str, max_batch_size: int, onnx_sha256: str, tensorrt_accelerator: bool = False
+    name: str, preset: Preset, entry: Entry, max_batch_size: int, onnx_sha256: str, tensorrt_accelerator: bool = False
 ) -> mc.ModelConfig:
-    """The config of one UNet entry; kind is "onnx", "cpu" (python backend) or "plan" (built from the graph
-    whose hash is `onnx_sha256`)."""
+    """The config of one UNet entry: the graph (UNET), the graph on the python backend (CPU), or the TensorRT plan
+    built from the graph whose hash is `onnx_sha256` (TRT)."""
     config = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
-    if kind == "onnx":
+    if entry == Entry.UNET:
         config.platform = "onnxruntime_onnx"
-    elif kind == "cpu":
+    elif entry == Entry.CPU:
         config.backend = "python"
-    else:
+    elif entry == Entry.TRT:
         config.platform = "tensorrt_plan"
+    else:
+        raise ValueError(f"{entry!r} is not a UNet entry")
     shapes = sample_shapes(preset)
     for tensor_name in (name for name in shapes if name != PREDICTED_NOISE):
         tensor = config.input.add(name=tensor_name, data_type=mc.TYPE_FP32, dims=shapes[tensor_name])
@@ -74,9 +76,9 @@ def model_config(
     config.output.add(name=PREDICTED_NOISE, data_type=mc.TYPE_FP32, dims=shapes[PREDICTED_NOISE])
     config.dynamic_batching.max_queue_delay_microseconds = 100
     config.instance_group.add(
-        count=1, kind=mc.ModelInstanceGroup.KIND_CPU if kind == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+        count=1, kind=mc.ModelInstanceGroup.KIND_CPU if entry == Entry.CPU else mc.ModelInstanceGroup.KIND_GPU
     )
-    if kind == "cpu":
+    if entry == Entry.CPU:
         config.parameters["onnx_file"].string_value = "model.onnx"
     config.parameters[ONNX_SHA256].string_value = onnx_sha256
     if tensorrt_accelerator:

@@ -22,12 +22,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness import free_port
 from meddpm.errors import ConfigurationError, ModelError, ServerError
 from meddpm.model.manifest import MANIFEST
-from meddpm.model.served_model import CPU_SUFFIX, SAMPLER_SUFFIX, read_config
+from meddpm.model.served_model import Entry, read_config
 from meddpm.retry import Backoff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def servable_entries(repository: Path) -> list[str]:
     """The exported CPU and sampler entries of a repository (those written by `python -m export`)."""
     return sorted(
         p.name
-        for suffix in (CPU_SUFFIX, SAMPLER_SUFFIX)
+        for suffix in (Entry.CPU, Entry.SAMPLER)
         for p in repository.glob(f"*{suffix}")
         if (p / "1" / MANIFEST).is_file()
     )
@@ -70,21 +71,29 @@ class LocalTriton:
         log_path: Path | None = None,
         address: str = "127.0.0.1",
         prefix: tuple[str, ...] = (),
+        models: Sequence[str] | None = None,
     ):
         """`address` and `prefix` serve elsewhere than loopback, e.g. inside a network namespace
-        (prefix ("ip", "netns", "exec", NAME) and that namespace's address: benchmarks/limited_link.py)."""
+        (prefix ("ip", "netns", "exec", NAME) and that namespace's address: benchmarks/limited_link.py). `models`
+        loads only these entries (default: every CPU and sampler entry): a server of one UNet entry starts and
+        stops in a fraction of the time that the sampler entries' instances take."""
         self.repository = Path(repository).resolve()
         self.venv = Path(venv)
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.log_path = log_path or Path(tempfile.gettempdir()) / f"meddpm-tritonserver-{self.grpc_port}.log"
-        self.models = servable_entries(self.repository)
+        servable = servable_entries(self.repository)
+        self.models = servable if models is None else list(models)
         self.address, self.prefix = address, list(prefix)
         self.process: subprocess.Popen | None = None
-        if not self.models:
+        if not servable:
             raise ConfigurationError(
-                f"{self.repository}: no exported <name>{CPU_SUFFIX} model to serve; "
-                f"run `python -m export` into it first"
+                f"{self.repository}: no exported <name>{Entry.CPU} model to serve; run `python -m export` into it first"
+            )
+        unknown = [name for name in self.models if name not in servable]
+        if unknown or not self.models:
+            raise ConfigurationError(
+                f"{self.repository}: {', '.join(unknown) or 'no model'} asked for, but it serves {', '.join(servable)}"
             )
         for name in self.models:  # a config the server would refuse stops it at start, its reason only in its log
             read_config(self.repository / name)
@@ -195,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument(
+        "--models", nargs="+", metavar="NAME", help="load only these entries (default: every CPU and sampler entry)"
+    )
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="made by scripts/setup_triton.sh")
     parser.add_argument(
         "--log",
@@ -203,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        server = LocalTriton(args.repository, args.venv, args.grpc_port, args.http_port, log_path=args.log)
+        server = LocalTriton(
+            args.repository, args.venv, args.grpc_port, args.http_port, log_path=args.log, models=args.models
+        )
     except (ConfigurationError, ModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -6,7 +6,7 @@ dicom | backends | synthesis
                      Triton | the per-mask pipeline: mask in, volumes on its grid and their record out
 imaging | sampling   label masks, geometry, memory | the sampling loop, schedulers, request, protocol
 model                presets, the UNet and its tensors, checkpoints, schedule, manifest, served models
-output_folders | retry | choices | names, errors
+output_folders | retry | choices | names, regular_files, errors
 """
 
 __version__ = "0.1.0"  # the project's version (pyproject.toml reads it)

@@ -29,13 +29,13 @@ import logging
 import os
 import shutil
 import socket
-import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from meddpm.errors import OutputError
+from meddpm.regular_files import read_regular
 
 STAGING_MARK = ".partial-"
 OWNER_MARK = ".meddpm-output.json"  # in every folder the app writes: its writer, then its files
@@ -84,14 +84,8 @@ class OwnerMark:
     def read(cls, folder: Path) -> OwnerMark | None:
         """The folder's mark, or None when it has none, or not one the app wrote."""
         try:
-            descriptor = os.open(folder / OWNER_MARK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return None
-        try:
-            with os.fdopen(descriptor, "rb") as file:
-                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                    return None
-                data = json.loads(file.read(OWNER_MARK_BYTES))  # cut short: not JSON, not a mark
+            # A mark cut short by the bound is not JSON: not a mark.
+            data = json.loads(read_regular(folder / OWNER_MARK, OWNER_MARK_BYTES, follow_symlinks=False))
             if data.get("written_by") != _WRITTEN_BY:
                 return None
             files = data["files"]

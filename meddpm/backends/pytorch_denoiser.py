@@ -21,7 +21,7 @@ class TorchDenoiser(Denoiser):
 
     @contextlib.contextmanager
     def conditioned(self, condition: np.ndarray) -> Iterator[NoisePredictor]:
-        bound = torch.from_numpy(condition).to(self.device)
+        bound = torch.tensor(condition, device=self.device)  # a copy: the loop's condition may be a read-only view
 
         @torch.no_grad()
         def predict_noise(noisy_image: np.ndarray, timestep: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 from nibabel import orientations
 
 from meddpm.errors import InputError
-from meddpm.model.presets import Preset
+from meddpm.model.presets import AxisOrder, ConditionScale, Preset
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient axes to NIfTI's, and back (the flip is its own inverse)
 VOXEL_SIZE_RTOL = 0.01  # voxel sizes closer than 1% to the preset's are used as they are
@@ -117,7 +117,7 @@ class ModelGrid:
 
     def network_axes(self, volume: np.ndarray) -> np.ndarray:
         """Swap between mask axis order and network axis order (the swap is its own inverse)."""
-        return volume.transpose(2, 1, 0) if self.preset.image.axis_order == "reversed" else volume
+        return volume.transpose(2, 1, 0) if self.preset.image.axis_order == AxisOrder.REVERSED else volume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +253,7 @@ def reorder(per_axis, transform: np.ndarray) -> np.ndarray:
 def condition_channels(network_labels: np.ndarray, preset: Preset) -> np.ndarray:
     """One-hot condition channels (len(labels), D, H, W) in the preset's label order and scale."""
     one_hot = np.stack([network_labels == label for label in preset.condition.labels]).astype(np.float32)
-    return 2.0 * one_hot - 1.0 if preset.condition.scale == "symmetric" else one_hot
+    return 2.0 * one_hot - 1.0 if preset.condition.scale == ConditionScale.SYMMETRIC else one_hot
 
 
 def _place(volume: np.ndarray, shape: tuple[int, ...], offsets: tuple[int, ...], fill: float = 0) -> np.ndarray:

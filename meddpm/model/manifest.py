@@ -10,12 +10,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from meddpm import regular_files
 from meddpm.errors import ModelError
 from meddpm.model.presets import Preset
 
@@ -135,14 +134,7 @@ def read_regular(path: Path, limit: int, what: str) -> bytes:
     """The first `limit` + 1 bytes of the regular file `path` (more than `limit`: the caller refuses it); ModelError
     for anything else. A FIFO or device is refused unread: opened non-blocking, a FIFO never holds the open up."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(descriptor, "rb") as file:
-            status = os.fstat(file.fileno())
-            if not stat.S_ISREG(status.st_mode):
-                raise ModelError(
-                    f"{path}: the {what} is not a regular file (a FIFO, device or folder); re-run `python -m export`"
-                )
-            return file.read(limit + 1)
+        return regular_files.read_regular(path, limit + 1)
     except OSError as error:
         raise ModelError(f"{path}: cannot read the {what} ({error.strerror}); re-run `python -m export`") from None
 

@@ -75,7 +75,7 @@ class ImageConfig:
     @property
     def mask_shape(self) -> tuple[int, int, int]:
         """The grid in the mask's own (X, Y, Z) axis order."""
-        return self.grid[::-1] if self.axis_order == "reversed" else self.grid
+        return self.grid[::-1] if self.axis_order == AxisOrder.REVERSED else self.grid
 
 
 @dataclasses.dataclass(frozen=True)

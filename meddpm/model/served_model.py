@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,10 +18,18 @@ if TYPE_CHECKING:
     import onnx
     from tritonclient.grpc import model_config_pb2 as mc
 
-# Other entries exported for the same model (see export/repository.py): the graph on the python backend, a
-# TensorRT plan, the server-side sampling loop.
-CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX = "_cpu", "_trt", "_sampler"
-VARIANT_SUFFIXES = (CPU_SUFFIX, TRT_SUFFIX, SAMPLER_SUFFIX)
+
+class Entry(StrEnum):
+    """The repository entries `python -m export` writes for one model NAME (export/repository.py); each value is
+    the suffix of the entry's folder."""
+
+    UNET = ""  # NAME: the graph on Triton's ONNX Runtime backend (GPU instances)
+    CPU = "_cpu"  # the same graph on the python backend, ONNX Runtime inside, for CPU-only servers
+    TRT = "_trt"  # a TensorRT plan built from the graph
+    SAMPLER = "_sampler"  # the server-side sampling loop, calling one of the others through BLS
+
+
+VARIANT_SUFFIXES = tuple(entry.value for entry in Entry if entry.value)  # what a model's own name may not end in
 CONFIG_BYTES = 1 << 20  # a config.pbtxt is a few kB
 PINNED_BY = "--model-sha256 (MEDDPM_MODEL_SHA256)"  # the setting that pins the manifest a site trusts
 

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from meddpm.errors import Interrupted
 from meddpm.model.presets import Preset
@@ -52,6 +51,7 @@ class DenoiserLoop:
     def __init__(self, denoiser: Denoiser):
         self.denoiser = denoiser
         self.name = denoiser.name
+        import diffusers.utils.torch_utils  # noqa: F401 (loaded now: the first mask's timings are then its own)
 
     def sample(
         self,
@@ -100,6 +100,10 @@ def sample(
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
     """x_T ~ N(0, I), one generator per sample: a sample depends on its own seed only."""
+    # Imported here: diffusers' utilities import torch._dynamo (seconds), which a run that does not sample in this
+    # process (the server-side loop's client, --help) need not pay; the schedulers import it in the same way.
+    from diffusers.utils.torch_utils import randn_tensor
+
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     return randn_tensor(shape, generator=generators, dtype=torch.float32), generators
 

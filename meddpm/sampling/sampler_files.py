@@ -16,6 +16,7 @@ FILES = (  # relative to PACKAGE; tests/unit/test_sampling.py imports the loop f
     "__init__.py",
     "errors.py",
     "choices.py",
+    "regular_files.py",
     "model/__init__.py",
     "model/presets.py",
     "model/tensors.py",

@@ -16,7 +16,7 @@ from export.cli import main as export_main
 from meddpm.errors import ExportVerificationError, ModelError
 from meddpm.model.checkpoint import save_meddpm_checkpoint
 from meddpm.model.manifest import ONNX_SHA256, PACKAGE_SHA256, Manifest, sha256_of
-from meddpm.model.served_model import find_model, read_config
+from meddpm.model.served_model import Entry, find_model, read_config
 from meddpm.model.tensors import CONDITION, INPUTS, NOISY_IMAGE, PREDICTED_NOISE, TIMESTEP
 from meddpm.model.unet import (
     AttentionBlock,
@@ -265,7 +265,7 @@ def test_tree_hash_covers_names_and_contents_not_pycache(tmp_path):
 def test_tensorrt_accelerator_option():
     from meddpm.model.presets import get_preset
 
-    config = repository.model_config("m", get_preset("whole-head"), "onnx", 2, "0" * 64, tensorrt_accelerator=True)
+    config = repository.model_config("m", get_preset("whole-head"), Entry.UNET, 2, "0" * 64, tensorrt_accelerator=True)
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
     assert list(config.input[0].dims) == [1, 128, 128, 128]

@@ -32,7 +32,7 @@ from meddpm.backends.triton_client.options import RetryPolicy, Transport
 from meddpm.backends.triton_client.shared_memory import CONTROL_TIMEOUT_S, SharedMemoryRegions
 from meddpm.errors import ConfigurationError, ModelError, ServerError
 from meddpm.model.manifest import ONNX_SHA256
-from meddpm.model.served_model import CPU_SUFFIX, ServedModel
+from meddpm.model.served_model import Entry, ServedModel
 from meddpm.model.tensors import CONDITION, INPUTS, NOISY_IMAGE, PREDICTED_NOISE, TIMESTEP, sample_shapes
 from meddpm.retry import Backoff
 from meddpm.sampling.denoiser import Denoiser, NoisePredictor
@@ -92,7 +92,7 @@ class TritonDenoiser(Denoiser):
 
     def _wait_for_model(self, served_name: str | None) -> str:
         """The served model to call: the one asked for, else NAME or NAME_cpu, whichever is ready."""
-        candidates = [served_name] if served_name else [self.model.name, self.model.name + CPU_SUFFIX]
+        candidates = [served_name] if served_name else [self.model.name, self.model.name + Entry.CPU]
         pauses = Backoff(first_s=0.5, max_s=0.5, window_s=self.policy.window_s).pauses()
         last_error, waiting = "no answer", False
         while True:

@@ -24,7 +24,7 @@ from meddpm.backends.triton_client.shared_memory import CONTROL_TIMEOUT_S
 from meddpm.errors import Interrupted, MedDDPMError, ModelError, ServerError
 from meddpm.model.manifest import PACKAGE_SHA256
 from meddpm.model.presets import Preset
-from meddpm.model.served_model import SAMPLER_SUFFIX
+from meddpm.model.served_model import Entry
 from meddpm.model.tensors import CONDITION
 from meddpm.sampling import protocol, sampler_files
 from meddpm.sampling.loop import Progress
@@ -42,7 +42,7 @@ class TritonServerLoop:
 
     def __init__(self, denoiser: TritonDenoiser):
         self.denoiser = denoiser
-        self.sampler_name = denoiser.model.name + SAMPLER_SUFFIX
+        self.sampler_name = denoiser.model.name + Entry.SAMPLER
         self.name = f"triton {self.sampler_name} (server-side loop, UNet {denoiser.served_name})"
         self._check_sampling_code()
         try:
