@@ -151,7 +151,7 @@ def prepare_job(argv: list[str]) -> SynthesisJob:
         request.seeds,
         len(masks),
     )
-    dicom = DicomOptions(settings.dicom_identity, settings.dicom_copy or ())
+    dicom = DicomOptions(settings.dicom_identity, settings.dicom_copy or (), settings.dicom_uid_seed)
     return SynthesisJob(
         model,
         denoiser,

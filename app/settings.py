@@ -179,6 +179,12 @@ def _stow_url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _uid_seed(text: str) -> str:
+    if not 0 < len(text) <= 128 or not text.isprintable():
+        raise argparse.ArgumentTypeError("a UID seed is 1 to 128 printable characters")
+    return text
+
+
 def _sha256(text: str) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
         raise argparse.ArgumentTypeError(f"'{text}' is not a SHA-256 digest (64 hexadecimal digits)")
@@ -312,6 +318,14 @@ class RunSettings:
         _keywords,
         None,
         "attributes copied from a DICOM mask into the output (from the list in the README's DICOM section)",
+    )
+    dicom_uid_seed: str | None = setting(
+        "MEDDPM_DICOM_UID_SEED",
+        _uid_seed,
+        None,
+        "TEXT: derive the DICOM UIDs and pseudonym from TEXT, the mask and the sample instead of drawing them, so "
+        "that a re-run with the same seeds gives the same identifiers and a PACS stores its series once (not "
+        "patient data: e.g. a job ID)",
     )
     pacs_cstore: CStoreDestination | None = setting(
         "MEDDPM_PACS_CSTORE",

@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.app_runs import FIRST_STEP, cpu_model, timed_run
 from meddpm.imaging.phantom_heads import make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,29 +33,6 @@ LIBRARIES = {
     "MONAI Deploy SDK (monai.deploy.core)": "import monai.deploy.core",
     "torch + diffusers' utilities (torch._dynamo)": "import torch, diffusers.utils.torch_utils",
 }
-FIRST_STEP = re.compile(r"step 1/\d+")
-
-
-def cpu_model() -> str:
-    """The CPU's name as /proc/cpuinfo gives it (the machines differ from session to session)."""
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-
-
-def timed(command: list[str], cwd: Path, first_line: re.Pattern | None = None) -> tuple[float, float | None]:
-    """Seconds until `command` ends, and until it printed a line matching `first_line` (if given)."""
-    environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", "PYTHONWARNINGS": "ignore"}
-    started, seen = time.perf_counter(), None
-    with subprocess.Popen(
-        command, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if seen is None and first_line is not None and first_line.search(line):
-                seen = time.perf_counter() - started
-        if process.wait():
-            raise RuntimeError(f"{' '.join(command)} failed (exit {process.returncode})")
-    return time.perf_counter() - started, seen
 
 
 def rows(checkouts: list[Path], repository: Path, mask: Path, out: Path) -> dict[str, list[str | Path]]:
@@ -91,11 +66,11 @@ def measure(checkouts: list[Path], repository: Path, repeats: int) -> dict:
             names = list(table)
             for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
                 command, cwd, first_line = table[name]
-                end, first = timed(command, cwd, first_line)
-                ends[name].append(end)
+                run = timed_run(command, cwd, first_line=first_line)
+                ends[name].append(run.wall_s)
                 if first_line is not None:
-                    assert first is not None, f"{name}: no 'step 1/' line"
-                    firsts[name].append(first)
+                    assert run.first_step_s is not None, f"{name}: no 'step 1/' line"
+                    firsts[name].append(run.first_step_s)
     result = {
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),

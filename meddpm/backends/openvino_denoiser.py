@@ -31,8 +31,6 @@ def native_bf16() -> bool:
 
 
 class OpenVinoDenoiser(Denoiser):
-    runtime = "openvino"
-
     def __init__(self, onnx_path: Path, precision: Precision, timesteps: int, threads: int = 0):
         self.core = ov.Core()
         capabilities = self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -52,6 +50,8 @@ class OpenVinoDenoiser(Denoiser):
         self.threads = threads
         self.compiled: dict[tuple[Any, ...], Any] = {}
         self.name = f"openvino ({precision})"
+        # the memory estimate's calibration (meddpm.imaging.memory): BF16 and mixed hold other compiled graphs
+        self.runtime = "openvino" if precision in (Precision.FP32, Precision.AUTO) else f"openvino-{precision}"
         log.info("OpenVINO %s on the CPU, %s", ov.get_version(), precision)
 
     def _compiled(self, condition_shape: tuple[int, ...], precision: Precision) -> Any:

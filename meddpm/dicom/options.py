@@ -60,6 +60,7 @@ COPYABLE_ATTRIBUTES = (
 class DicomOptions:
     identity: IdentityPolicy = IdentityPolicy.PSEUDONYMOUS
     copy: tuple[str, ...] = ()  # from COPYABLE_ATTRIBUTES
+    uid_seed: str | None = None  # UIDs and pseudonym derived from it (a re-run writes the same ones); None: random
 
 
 @dataclasses.dataclass(frozen=True)

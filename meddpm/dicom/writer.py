@@ -5,19 +5,23 @@ study, with nothing copied from the input; "keep-study" files the series into th
 Frame of Reference and `KEEP_STUDY_ATTRIBUTES`). Either may add a configured list taken from
 `COPYABLE_ATTRIBUTES`. The only input UIDs in a pseudonymous output are the source mask's SOP Instance UIDs in
 Source Image Sequence, the derivation reference.
+
+UIDs and the pseudonym are drawn at random, or, with `DicomOptions.uid_seed`, derived from it (`Identifiers`): the
+same seed, mask and sample give the same identifiers, so a PACS that receives a re-run stores each instance once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import secrets
 from pathlib import Path
 
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from meddpm.dicom.options import KEEP_STUDY_ATTRIBUTES, DicomOptions, IdentityPolicy
 from meddpm.dicom.reader import DicomLabelMask, DicomSource
@@ -56,7 +60,23 @@ class Provenance:
         )
 
 
-def study_identity(source: DicomSource | None, options: DicomOptions) -> Dataset:
+@dataclasses.dataclass(frozen=True)
+class Identifiers:
+    """Where UIDs and pseudonyms come from: at random (`seed` None), or derived from `seed` and the parts that
+    name what they identify."""
+
+    seed: str | None = None
+
+    def uid(self, *parts: object) -> UID:
+        return generate_uid() if self.seed is None else generate_uid(entropy_srcs=[self.seed, *map(str, parts)])
+
+    def pseudonym(self, *parts: object) -> str:
+        if self.seed is None:
+            return secrets.token_hex(6).upper()
+        return hashlib.sha256("|".join([self.seed, *map(str, parts)]).encode()).hexdigest()[:12].upper()
+
+
+def study_identity(source: DicomSource | None, options: DicomOptions, mask_name: str = "") -> Dataset:
     """Patient, study and frame-of-reference attributes shared by every series written for one mask."""
     ds = Dataset()
     kept = KEEP_STUDY_ATTRIBUTES if options.identity == IdentityPolicy.KEEP_STUDY else ()
@@ -65,11 +85,13 @@ def study_identity(source: DicomSource | None, options: DicomOptions) -> Dataset
             "the identity policy keep-study needs a DICOM mask; a NIfTI mask has no study to keep "
             "(use the default pseudonymous policy)"
         )
-    pseudonym = secrets.token_hex(6).upper()
+    identifiers = Identifiers(options.uid_seed)
+    pseudonym = identifiers.pseudonym(mask_name, "patient")
     now = datetime.datetime.now()
     ds.PatientName, ds.PatientID = f"SYNTHETIC^{pseudonym}", f"SYN-{pseudonym}"
     ds.PatientBirthDate, ds.PatientSex = "", ""
-    ds.StudyInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID = identifiers.uid(mask_name, "study")
+    ds.FrameOfReferenceUID = identifiers.uid(mask_name, "frame of reference")
     ds.StudyDate, ds.StudyTime, ds.StudyID = now.strftime("%Y%m%d"), now.strftime("%H%M%S"), pseudonym[:8]
     ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
     ds.StudyDescription = "SYNTHETIC images (Med-DDPM)"
@@ -96,7 +118,7 @@ def write_synthesis(
 ) -> list[list[Path]]:
     """One series per sample and output channel in folder/sample_<i>_<channel>/, all of one patient and study."""
     source = mask.dicom if isinstance(mask, DicomLabelMask) else None
-    identity = study_identity(source, options)
+    identity = study_identity(source, options, mask.name)
     series = []
     for index, (volume, seed) in enumerate(zip(samples, seeds)):
         for channel, name in enumerate(channels):
@@ -105,6 +127,7 @@ def write_synthesis(
                     folder / f"sample_{index}_{name}",
                     volume[channel],
                     mask.affine,
+                    identifiers=(Identifiers(options.uid_seed), f"{mask.name}/sample_{index}_{name}"),
                     identity=identity,
                     source=source,
                     written_range=written_range,
@@ -129,9 +152,11 @@ def write_series(
     channel: str,
     seed: int,
     provenance: Provenance,
+    identifiers: tuple[Identifiers, str] = (Identifiers(), ""),
 ) -> list[Path]:
     """One MR Image instance per slice of `volume` (X, Y, Z, model range) along Z, in the display orientation of the
-    slices' plane, the rescale mapping its stored values onto `written_range`; returns the files, in slice order."""
+    slices' plane, the rescale mapping its stored values onto `written_range`; returns the files, in slice order.
+    `identifiers`: where the series' UIDs come from, and the name of this series among the mask's."""
     volume, lps = display_oriented(volume, LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64))  # RAS to LPS
     spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
     row_cosine, column_cosine = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
@@ -149,11 +174,13 @@ def write_series(
     if window_high <= window_low:
         window_low, window_high = low, high
     description = provenance.describe(seed, channel)
-    series_uid, now = generate_uid(), datetime.datetime.now()
+    uids, series_name = identifiers
+    series_uid, now = uids.uid(series_name, "series"), datetime.datetime.now()
     folder.mkdir(parents=True)
     files = []
     for k in range(volume.shape[2]):
         ds = _instance(identity, source, series_uid, series_number, k, now)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids.uid(series_name, "instance", k)
         ds.SeriesDescription = f"SYNTHETIC {channel} (Med-DDPM, not acquired)"[:64]
         ds.DerivationDescription = description
         ds.ImageComments = description
@@ -199,7 +226,6 @@ def _instance(
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, for names copied from the input
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.update(identity)

@@ -39,11 +39,17 @@ from meddpm.model.presets import Preset
 # (AMD EPYC, AVX2, AVX512-BF16), whole-head preset. ONNX Runtime 1.31: fitted at 32^3, 64^3 and 96^3 (627, 1439,
 # 3743 MiB); it predicts 8177 MiB at 128^3, where 7953 MiB was measured. OpenVINO 2026.4, which holds the weights
 # twice (the model read and the model compiled): fitted at 32^3 and 64^3 (745, 1146 MiB); it predicts 2234 MiB at
-# 96^3, where 2239 MiB was measured (ONNX Runtime: 3698 MiB).
+# 96^3, where 2239 MiB was measured (ONNX Runtime: 3698 MiB); the app at 128^3 peaked at 4784 MiB against its
+# per-mask estimate of 4725 (benchmarks/full_size.py). OpenVINO at BF16 holds the FP32 model read and a compiled
+# BF16 copy (1.5 copies) and needs fewer activation bytes; mixed holds both compiled graphs, each with its own
+# buffers: fitted to the app's peaks at 128^3 (BF16 2913 MiB; mixed 6811 MiB, predicted 7161).
 BASELINE_BYTES = {"onnxruntime": 340 * 2**20, "openvino": 380 * 2**20}  # python, torch, the runtime
-WEIGHT_COPIES = {"onnxruntime": 1, "openvino": 2}
-ACTIVATION_FACTOR = {"onnxruntime": 6.5, "openvino": 3.1}
-SERVED_BASELINE_BYTES = 340 * 2**20  # python and torch, when the UNet runs on a server
+BASELINE_BYTES |= {"openvino-bf16": BASELINE_BYTES["openvino"], "openvino-mixed": BASELINE_BYTES["openvino"]}
+WEIGHT_COPIES = {"onnxruntime": 1, "openvino": 2, "openvino-bf16": 1.5, "openvino-mixed": 2.5}
+ACTIVATION_FACTOR = {"onnxruntime": 6.5, "openvino": 3.1, "openvino-bf16": 1.75, "openvino-mixed": 4.85}
+# Python, torch and the Triton client, when the UNet runs on a server: the app peaked at 743-777 MiB with the
+# whole-head model served, at 32^3 and 128^3 alike (benchmarks/full_size.py), 80 MiB above what 340 MiB gave.
+SERVED_BASELINE_BYTES = 420 * 2**20
 # An address-space limit counts virtual memory: the runtimes reserve more than they touch. Measured beside the
 # peaks above, the virtual size grew by up to 1.5 bytes per resident byte (VmPeak against VmHWM, both runtimes);
 # the margin covers what a runtime maps on its first step (threads, plugins: ~150 MiB for OpenVINO in the app) and

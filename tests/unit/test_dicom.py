@@ -18,6 +18,7 @@ from meddpm.dicom.reader import SEG_SOP_CLASS, read_dicom_mask
 from meddpm.dicom.writer import DISPLAY_AXES, Provenance, study_identity, write_series, write_synthesis
 from meddpm.errors import InputError
 from meddpm.imaging.geometry import LPS_TO_RAS
+from meddpm.imaging.masks import LabelMask
 from meddpm.input_folders import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
 from tests.dicom_samples import PATIENT, leaked_values, save
@@ -270,6 +271,38 @@ def test_one_series_per_sample_and_channel_in_one_study(phantom, tmp_path):
     assert 400 < float(firsts[0].WindowCenter) < 600 and 900 < float(firsts[0].WindowWidth) <= 1000
     for files in series:
         assert len(files) == 32 and dciodvfy_errors(files[0]) == []
+
+
+def test_a_uid_seed_gives_a_re_run_the_same_identifiers(phantom, tmp_path):
+    """With --dicom-uid-seed, a re-run of a job writes the same UIDs and pseudonym (a PACS stores it once); another
+    seed, another mask or no seed gives new ones."""
+    labels, affine = phantom[0], phantom[1]
+    volume = np.random.default_rng(4).uniform(-1, 1, (1, *labels.shape)).astype(np.float32)
+
+    def identifiers(options: DicomOptions, name: str, run: str) -> list[tuple[str, ...]]:
+        mask = LabelMask(name, labels, affine, f"{name}.nii.gz")
+        [files] = write_synthesis(
+            tmp_path / run,
+            [volume],
+            mask,
+            ("T1",),
+            [7],
+            options=options,
+            written_range=(0.0, 1.0),
+            provenance=PROVENANCE,
+        )
+        keys = ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        return [tuple(str(pydicom.dcmread(path).get(key)) for key in keys) for path in files]
+
+    job = DicomOptions(uid_seed="job-0042")
+    first, again = identifiers(job, "head", "first"), identifiers(job, "head", "again")
+    assert first == again and len({ids[4] for ids in first}) == len(first) == labels.shape[2]
+    for other in (
+        identifiers(DicomOptions(uid_seed="job-0043"), "head", "other-job"),
+        identifiers(job, "neck", "other-mask"),
+        identifiers(DicomOptions(), "head", "random"),
+    ):
+        assert all(a != b for ids, others in zip(first, other) for a, b in zip(ids, others))
 
 
 def test_a_narrow_window_stays_valid(phantom, tmp_path):
