@@ -4,14 +4,17 @@ series that comes back, checked with dciodvfy and opened in the Web Viewer by he
 
     python -m harness.pacs_demo [--out build/pacs-demo] [--models REPOSITORY] [--keep-running]
 
-Orthanc's settings are those of deploy/orthanc/orthanc.json, with this checkout's paths and free loopback ports.
-Everything it starts is stopped at the end, unless --keep-running (then Ctrl-C stops it).
+Orthanc runs deploy/orthanc/orthanc.json, the site configuration, with this checkout's paths and free loopback
+ports; its site file registers the demo's segmentation tool and a user with a password made for this run (printed,
+to browse with --keep-running). Everything it starts is stopped at the end, unless --keep-running (then Ctrl-C
+stops it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -20,32 +23,35 @@ from pathlib import Path
 
 from harness import free_port
 from harness.dciodvfy import dciodvfy_errors
-from harness.local_orthanc import LocalOrthanc
+from harness.local_orthanc import LocalOrthanc, site_configuration
 from harness.viewer import screenshot_series
 from meddpm.dicom.phantom_study import phantom_study
 
 REPO = Path(__file__).resolve().parents[1]
-SITE = REPO / "deploy" / "orthanc"  # the configuration and plugin a site runs
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"
 CALLING_AE = "SEGTOOL"  # the segmentation tool that stores the SEG
+USER = "demo"
 METADATA = "MeddpmSynthesis"
 
 
 def orthanc_config(models: Path, jobs: Path) -> dict:
-    """deploy/orthanc/orthanc.json with this checkout's app, the demo's models, and the demo's calling AE title."""
-    config = json.loads((SITE / "orthanc.json").read_text())
-    config.pop("Plugins")  # LocalOrthanc adds them from Debian's plugin folder
-    config["PythonScript"] = str(SITE / "synthesis_plugin.py")
-    config["StableAge"] = 2
-    config["DicomModalities"] = {"segtool": [CALLING_AE, "127.0.0.1", free_port()]}
-    config[METADATA].update(
-        Command=[sys.executable, "-m", "app"],
-        WorkingDirectory=str(REPO),
-        ModelRepository=str(models),
-        Arguments=["--seed", "1"],
-        JobsDirectory=str(jobs),
-    )
-    return config
+    """deploy/orthanc/orthanc.json with this checkout's app and the demo's models."""
+    synthesis = {
+        "Command": [sys.executable, "-m", "app"],
+        "WorkingDirectory": str(REPO),
+        "ModelRepository": str(models),
+        "Arguments": ["--seed", "1"],
+        "JobsDirectory": str(jobs),
+    }
+    return site_configuration(synthesis, StableAge=2)
+
+
+def site_file(password: str) -> dict:
+    """The demo site's users and modalities: the segmentation tool that stores the SEG, and one user."""
+    return {
+        "RegisteredUsers": {USER: password},
+        "DicomModalities": {"segtool": [CALLING_AE, "127.0.0.1", free_port()]},
+    }
 
 
 def wait_for_job(orthanc: LocalOrthanc, series: str, timeout_s: float) -> dict:
@@ -87,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-    config = orthanc_config(models.resolve(), out / "jobs")
-    with LocalOrthanc(out / "orthanc", config, ("libOrthancPython.so", "libOrthancWebViewer.so")) as orthanc:
+    config, password = orthanc_config(models.resolve(), out / "jobs"), secrets.token_urlsafe(12)
+    with LocalOrthanc(out / "orthanc", config, site_file(password), credentials=(USER, password)) as orthanc:
         print(f"Orthanc {orthanc.url} (DICOM port {orthanc.dicom_port}, AE {orthanc.ae_title}); log {orthanc.log}")
+        print(f"user {USER}, password {password} (made for this run)")
         mr, seg = phantom_study(seed=7)
         started = time.monotonic()
         orthanc.c_store([*mr, seg], CALLING_AE)
@@ -110,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             path.write_bytes(orthanc.file(instance["ID"]))
             errors += [f"{path.name}: {line}" for line in dciodvfy_errors(path)]
         print(f"dciodvfy: {len(instances)} instances, {len(errors)} errors", *errors[:10], sep="\n  ")
-        screenshot = screenshot_series(orthanc.url, synthetic, len(instances), out / "viewer.png")
+        screenshot = screenshot_series(
+            orthanc.url, synthetic, len(instances), out / "viewer.png", credentials=(USER, password)
+        )
         print(f"screenshot of the Web Viewer: {screenshot}")
         if args.keep_running:
             print(f"browse {orthanc.url}/web-viewer/app/viewer.html?series={synthetic}; Ctrl-C stops Orthanc")

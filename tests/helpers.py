@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -18,18 +19,45 @@ FAST = ("--scheduler", "ddim", "--steps", "2", "--seed", "1")  # a run whose sam
 SAMPLING = re.compile(r"step \d+/\d+")  # a progress line: sampling started
 
 
-def run_app(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
-    """`python -m app ARGS` in the repository, its output captured."""
+def app_command(*args, python_options=()) -> list[str]:
+    """The command line of `python -m app ARGS` (run it in the repository: run_app and start_app do), e.g. for
+    run_on_tmpfs or a PACS plugin's configuration; `python_options` go before `-m`, e.g. ("-X", "importtime")."""
+    return [sys.executable, *map(str, python_options), "-m", "app", *map(str, args)]
+
+
+def app_environment(env=None) -> dict[str, str]:
+    """This process's environment with the SDK's log level at WARN and `env` added; a variable set to None in
+    `env` is removed (e.g. {"TRITON_SERVER_NETLOC": None}: no Triton server, whatever the caller's shell says)."""
     environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", **(env or {})}
+    return {name: value for name, value in environment.items() if value is not None}
+
+
+def run_app(*args, env=None, python_options=(), timeout: float = 1200, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m app ARGS` in the repository, its output captured; `kwargs` go to subprocess.run."""
     return subprocess.run(
-        [sys.executable, "-m", "app", *map(str, args)],
+        app_command(*args, python_options=python_options),
         cwd=REPO,
-        env=environment,
+        env=app_environment(env),
         capture_output=True,
         text=True,
-        timeout=kwargs.pop("timeout", 1200),
+        timeout=timeout,
         **kwargs,
     )
+
+
+def start_app(*args, env=None, **kwargs) -> subprocess.Popen:
+    """`python -m app ARGS` in the repository, started and not waited for (to signal it, or to run several at
+    once); `kwargs` go to subprocess.Popen, e.g. stderr=subprocess.PIPE to read its progress."""
+    return subprocess.Popen(app_command(*args), cwd=REPO, env=app_environment(env), text=True, **kwargs)
+
+
+def concurrently(*calls):
+    """Call each of `calls` (e.g. `lambda: run_app(...)`) in a thread of its own, all at once, and return their
+    results in order (an exception is raised as the call raised it). For runs of the app that do not depend on each
+    other: their start-ups, most of a short run, overlap."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
 
 
 def run_on_tmpfs(size: str, folder, command, list_folder_after: bool = False) -> subprocess.CompletedProcess:

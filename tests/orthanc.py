@@ -1,5 +1,6 @@
-"""The tests' Orthanc: harness/local_orthanc.py with DIMSE and DICOMweb on, a user and password for the REST
-and DICOMweb APIs, and stores accepted only from the AE titles registered as modalities."""
+"""The tests' Orthanc: the site configuration (deploy/orthanc/orthanc.json) as shipped, with only what a test must
+override: ports and storage, this checkout's plugin script and synthesis settings, a short StableAge; and, as a
+site keeps them, its users and modalities in a site file of their own."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from harness import free_port
-from harness.local_orthanc import LocalOrthanc
+from harness.local_orthanc import LocalOrthanc, site_configuration
 
 AE_TITLE = "ORTHANC"
 USER, PASSWORD = "meddpm", "pw-7f3a9c"  # a test server's; never a real credential
@@ -16,24 +17,16 @@ MODALITIES = {"meddpm": "MEDDPM", "tests": "TESTSCU"}
 
 
 class OrthancServer(LocalOrthanc):
-    """`extra` adds to (or overrides) the configuration, `plugins` (file names) adds to the DICOMweb plugin."""
+    """`synthesis` runs the synthesis plugin with these settings (None: no plugin script); `extra` overrides the
+    configuration (e.g. StableAge)."""
 
-    def __init__(self, folder: Path, extra: dict | None = None, plugins: tuple[str, ...] = ()):
-        config = {
-            "Name": "meddpm-tests",
-            "DicomAet": AE_TITLE,
-            "AuthenticationEnabled": True,
+    def __init__(self, folder: Path, extra: dict | None = None, synthesis: dict | None = None):
+        config = site_configuration(synthesis, **{"StableAge": 1, "SaveJobs": False, **(extra or {})})
+        site = {
             "RegisteredUsers": {USER: PASSWORD},
-            "DicomCheckCalledAet": True,
-            "DicomAlwaysAllowStore": False,
-            "DicomCheckModalityHost": False,
             "DicomModalities": {name: [ae, "127.0.0.1", free_port()] for name, ae in MODALITIES.items()},
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "StableAge": 1,
-            "SaveJobs": False,
-            **(extra or {}),
         }
-        super().__init__(folder, config, ("libOrthancDicomWeb.so", *plugins), credentials=(USER, PASSWORD))
+        super().__init__(folder, config, site, credentials=(USER, PASSWORD))
         self.dicomweb_url = f"{self.url}/dicom-web"
 
 

@@ -2,18 +2,25 @@
 synthesised into an MR series by the meddpm-deploy app, and the series is stored back into Orthanc.
 
 The plugin schedules and tracks; the app (or the MAP container) does the synthesis and the DICOM writing. Each
-source series carries its job's state as Orthanc metadata `MeddpmSynthesis` (JSON: state queued, running, done with
-the new series' Orthanc IDs, or failed with the reason), which Orthanc's REST API and Explorer show; every change
-is logged. Jobs run on a fixed number of worker threads. A series that already has a state is not queued again, so
-a SEG stored twice gives one synthetic series. Jobs queued or running when Orthanc stopped are queued again when it
-starts.
+source series carries its job's state as Orthanc metadata `MeddpmSynthesis` (JSON: state waiting until it is
+stable, then queued, running, done with the new series' Orthanc IDs, failed with the reason, or refused when the
+queue is full), which Orthanc's REST API and Explorer show; every change is logged. Jobs run on a fixed number of
+worker threads, and a worker survives whatever one job raises. A series that already has a state is not queued
+again, so a SEG stored twice gives one synthetic series.
+
+Crash safety: the app dies with the Orthanc thread that started it (a SIGKILL of Orthanc included); at start, job
+folders left behind are removed and the series left waiting, queued or running are queued again. A job's seed and
+its DICOM identifiers are fixed by the source series (`--seed`, `--dicom-uid-seed`), so a job run again stores the
+same instances, and Orthanc keeps each once: one synthetic series per SEG, however often the job was interrupted.
 
 Runs inside Orthanc's Python (Debian's `orthanc-python`): standard library only. Configured in Orthanc's
 configuration under "MeddpmSynthesis" (deploy/orthanc/README.md lists the settings); Orthanc's "UserMetadata" must
 declare `MeddpmSynthesis`.
 """
 
+import ctypes
 import datetime
+import hashlib
 import json
 import os
 import queue
@@ -29,9 +36,11 @@ from pathlib import Path
 import orthanc
 
 METADATA = "MeddpmSynthesis"
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-UNFINISHED = (QUEUED, RUNNING)
+WAITING, QUEUED, RUNNING, DONE, FAILED, REFUSED = "waiting", "queued", "running", "done", "failed", "refused"
+UNFINISHED = (WAITING, QUEUED, RUNNING)
 REASON_CHARACTERS = 500
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it dies
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child runs as little Python as it can before exec
 
 
 class Settings:
@@ -50,6 +59,7 @@ class Settings:
         self.identity = section.get("IdentityPolicy", "pseudonymous")
         self.workers = int(section.get("Workers", 1))
         self.timeout_s = float(section.get("TimeoutSeconds", 3600))
+        self.max_queued = int(section.get("MaxQueuedJobs", 100))
         self.jobs_folder = Path(section.get("JobsDirectory") or tempfile.gettempdir()) / "meddpm-synthesis-jobs"
         pattern = section.get("LabelMapSeriesDescription")
         self.label_map_description = re.compile(pattern) if pattern else None
@@ -57,22 +67,29 @@ class Settings:
             raise ValueError(f"MeddpmSynthesis.IdentityPolicy {self.identity!r}: use pseudonymous or keep-study")
         if self.workers < 1:
             raise ValueError(f"MeddpmSynthesis.Workers {self.workers}: use 1 or more")
+        if self.max_queued < 1:
+            raise ValueError(f"MeddpmSynthesis.MaxQueuedJobs {self.max_queued}: use 1 or more")
 
     @property
     def in_container(self) -> bool:
         """The command mounts the job's folders itself ({input} and {output} in it): a container, such as the MAP."""
         return any("{input}" in part for part in self.command)
 
-    def app_command(self, input_folder: Path, output_folder: Path) -> list[str]:
+    def app_command(self, series: str, input_folder: Path, output_folder: Path) -> list[str]:
         """The configured command with the job's folders: in {input}/{output} placeholders (a container's volume
-        options), else as the app's -i and -o; then the model repository, DICOM output and the identity policy."""
+        options), else as the app's -i and -o; then the model repository, DICOM output, the identity policy, and
+        the job's own seed (unless the configured arguments set one) and DICOM identifiers, both fixed by the
+        source series (its Orthanc ID, a hash: no patient data)."""
         folders = {"input": str(input_folder), "output": str(output_folder)}
         command = [part.format(**folders) for part in self.command]
         if not self.in_container:
             command += ["-i", folders["input"], "-o", folders["output"]]
         if self.model_repository:
             command += ["-m", self.model_repository]
-        return [*command, "--output-format", "dicom", "--dicom-identity", self.identity, *self.arguments]
+        command += ["--output-format", "dicom", "--dicom-identity", self.identity, "--dicom-uid-seed", series]
+        if "--seed" not in self.arguments:
+            command += ["--seed", str(int(hashlib.sha256(series.encode()).hexdigest()[:8], 16))]
+        return [*command, *self.arguments]
 
 
 class SynthesisJobs:
@@ -90,11 +107,20 @@ class SynthesisJobs:
         ]
 
     def start(self) -> None:
+        """Remove the job folders a crash left (they hold patient data), then queue again every series left
+        waiting, queued or running when Orthanc stopped, and start the workers."""
+        if self.settings.jobs_folder.is_dir():
+            left = [path for path in self.settings.jobs_folder.iterdir() if path.is_dir()]
+            for path in left:
+                shutil.rmtree(path, ignore_errors=True)
+            if left:
+                orthanc.LogWarning(f"meddpm: removed {len(left)} job folder(s) left by an earlier run")
         for worker in self.workers:
             worker.start()
         resumed = [series for series in _all_series() if (_state(series) or {}).get("state") in UNFINISHED]
         for series in resumed:
             orthanc.LogWarning(f"meddpm: series {series}: job left unfinished when Orthanc stopped, queued again")
+            _set_state(series, QUEUED)
             self._enqueue(series)
 
     def stop(self) -> None:
@@ -109,12 +135,27 @@ class SynthesisJobs:
         for worker in self.workers:
             worker.join(timeout=30)
 
+    def on_new_series(self, series: str) -> None:
+        """A mask series starts arriving: marked `waiting`, so that a stop before it is stable does not lose it."""
+        if not self.stopping.is_set() and _state(series) is None and self._is_mask(series):
+            _set_state(series, WAITING)
+
     def on_stable_series(self, series: str) -> None:
         if self.stopping.is_set() or not self._is_mask(series):
             return
         state = _state(series)
-        if state is not None:
+        if state is not None and state["state"] != WAITING:
             orthanc.LogInfo(f"meddpm: series {series} already has a synthesis job ({state['state']}); not queued again")
+            return
+        with self.lock:
+            full = len(self.queued) >= self.settings.max_queued
+        if full:
+            reason = (
+                f"{self.settings.max_queued} jobs are queued or running (MaxQueuedJobs); once there is room, delete "
+                f"this state (DELETE /series/{series}/metadata/{METADATA}) and store the series again"
+            )
+            _set_state(series, REFUSED, reason=reason)
+            orthanc.LogError(f"meddpm: series {series}: synthesis refused: {reason}")
             return
         _set_state(series, QUEUED)
         orthanc.LogWarning(f"meddpm: series {series}: synthesis queued")
@@ -177,7 +218,7 @@ class SynthesisJobs:
             shutil.rmtree(job, ignore_errors=True)
 
     def _run_app(self, series: str, input_folder: Path, output_folder: Path) -> subprocess.CompletedProcess | None:
-        command = self.settings.app_command(input_folder, output_folder)
+        command = self.settings.app_command(series, input_folder, output_folder)
         environment = dict(os.environ, HOLOSCAN_LOG_LEVEL="WARN")
         if self.settings.triton_server:
             environment["TRITON_SERVER_NETLOC"] = self.settings.triton_server
@@ -189,6 +230,7 @@ class SynthesisJobs:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
         with self.lock:
             self.running[series] = process
@@ -208,8 +250,25 @@ class SynthesisJobs:
         return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
     def _fail(self, series: str, reason: str) -> None:
-        _set_state(series, FAILED, reason=reason[:REASON_CHARACTERS])
+        """Record the failure on the series; a series that is gone (deleted, or recycled by Orthanc) is logged only:
+        the worker goes on to the next job."""
         orthanc.LogError(f"meddpm: series {series}: synthesis failed: {reason[:REASON_CHARACTERS]}")
+        try:
+            _set_state(series, FAILED, reason=reason[:REASON_CHARACTERS])
+        except Exception as error:  # noqa: BLE001 - whatever Orthanc says, this worker must live on
+            orthanc.LogError(f"meddpm: series {series}: its state cannot be recorded ({type(error).__name__})")
+
+
+def _die_with_parent(parent: int):
+    """What the app's process runs before exec: SIGTERM when the thread that started it dies (Orthanc stopped, or
+    killed), and an exit at once if Orthanc died before this could be set."""
+
+    def set_death_signal() -> None:
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_death_signal
 
 
 def _reason(result: subprocess.CompletedProcess) -> str:
@@ -278,6 +337,8 @@ def on_change(change_type, level, resource_id):
             JOBS.start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             JOBS.stop()
+        elif change_type == orthanc.ChangeType.NEW_SERIES:
+            JOBS.on_new_series(resource_id)
         elif change_type == orthanc.ChangeType.STABLE_SERIES:
             JOBS.on_stable_series(resource_id)
     except Exception as error:  # noqa: BLE001 - Orthanc's change thread must go on; the error is logged

@@ -135,6 +135,10 @@ def read_regular(path: Path, limit: int, what: str) -> bytes:
     for anything else. A FIFO or device is refused unread: opened non-blocking, a FIFO never holds the open up."""
     try:
         return regular_files.read_regular(path, limit + 1)
+    except regular_files.NotRegularFile:
+        raise ModelError(
+            f"{path}: the {what} is not a regular file (a FIFO, device or folder); re-run `python -m export`"
+        ) from None
     except OSError as error:
         raise ModelError(f"{path}: cannot read the {what} ({error.strerror}); re-run `python -m export`") from None
 

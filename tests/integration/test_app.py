@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -16,8 +12,9 @@ from PIL import Image
 
 from meddpm.imaging.phantom_heads import BRAIN, TUMOUR, dice, make_phantom, segment
 from meddpm.model.manifest import sha256_of
-from tests.conftest import REPO, edit_weights
-from tests.helpers import PATIENT, imported_modules, run_app, write_mask
+from tests.conftest import edit_weights
+from tests.helpers import PATIENT, concurrently, imported_modules, run_app, write_mask
+from tests.model_samples import copy_repository
 
 pytestmark = pytest.mark.slow
 
@@ -148,13 +145,12 @@ def test_no_patient_data_reaches_outputs_or_logs(demo_repository, masks, tmp_pat
 
 
 def test_same_seed_same_volume(demo_repository, masks, tmp_path):
-    volumes = []
-    for run in ("a", "b"):
-        result = run_app(
+    def run(name):
+        return run_app(
             "-i",
             masks / "native.nii.gz",
             "-o",
-            tmp_path / run,
+            tmp_path / name,
             "-m",
             demo_repository,
             "--steps",
@@ -163,8 +159,11 @@ def test_same_seed_same_volume(demo_repository, masks, tmp_path):
             "dpmpp2m",
             env={"MEDDPM_SEED": "77"},
         )
+
+    volumes = []
+    for name, result in zip(("a", "b"), concurrently(lambda: run("a"), lambda: run("b"))):  # two processes
         assert result.returncode == 0, result.stderr
-        volumes.append(nib.load(tmp_path / run / "native" / "sample_0.nii.gz").get_fdata())
+        volumes.append(nib.load(tmp_path / name / "native" / "sample_0.nii.gz").get_fdata())
     assert np.array_equal(volumes[0], volumes[1])
 
 
@@ -217,10 +216,13 @@ def test_missing_input(demo_repository, tmp_path):
 
 
 def test_bad_settings(demo_repository, masks, tmp_path):
-    result = run_app("-i", masks, "-o", tmp_path, "-m", demo_repository, env={"MEDDPM_SCHEDULER": "euler"})
-    assert result.returncode == 2 and "MEDDPM_SCHEDULER='euler'" in result.stderr and "ddpm, ddim" in result.stderr
-    result = run_app("-i", masks, "-o", tmp_path, "-m", demo_repository, "--steps", "400")
-    assert result.returncode == 2 and "out of range" in result.stderr
+    scheduler, steps = concurrently(
+        lambda: run_app("-i", masks, "-o", tmp_path, "-m", demo_repository, env={"MEDDPM_SCHEDULER": "euler"}),
+        lambda: run_app("-i", masks, "-o", tmp_path, "-m", demo_repository, "--steps", "400"),
+    )
+    assert scheduler.returncode == 2 and "MEDDPM_SCHEDULER='euler'" in scheduler.stderr
+    assert "ddpm, ddim" in scheduler.stderr
+    assert steps.returncode == 2 and "out of range" in steps.stderr
 
 
 def test_model_for_another_preset_is_refused(demo_repository, masks, tmp_path):
@@ -229,8 +231,7 @@ def test_model_for_another_preset_is_refused(demo_repository, masks, tmp_path):
 
 
 def test_manifest_that_does_not_match_the_graph(demo_repository, masks, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(demo_repository, repo)
+    repo = copy_repository(demo_repository, tmp_path)
     manifest_path = repo / "meddpm_demo" / "1" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["preset"]["condition"]["labels"] = [1, 2, 3]
@@ -241,8 +242,7 @@ def test_manifest_that_does_not_match_the_graph(demo_repository, masks, tmp_path
 
 
 def test_a_graph_edited_after_export_is_refused_before_any_work(demo_repository, masks, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(demo_repository, repo)
+    repo = copy_repository(demo_repository, tmp_path)
     graph = repo / "meddpm_demo" / "1" / "model.onnx"
     exported = sha256_of(graph)
     edit_weights(graph)
@@ -267,10 +267,9 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(demo_repos
 def test_an_in_process_nifti_run_loads_no_dicom_pacs_or_triton_module_of_ours(demo_repository, masks, tmp_path):
     """DICOM, PACS and Triton code is imported only when a setting asks for it (pydicom, highdicom and tritonclient
     themselves are loaded by the MONAI Deploy SDK whatever the app does)."""
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "app", "-i", masks / "native.nii.gz", "-o", tmp_path,
-         "-m", demo_repository, "--scheduler", "ddim", "--steps", "2", "--seed", "1"],
-        cwd=REPO, env={**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN"}, capture_output=True, text=True, timeout=1200,
+    result = run_app(
+        "-i", masks / "native.nii.gz", "-o", tmp_path, "-m", demo_repository, "--scheduler", "ddim", "--steps", "2",
+        "--seed", "1", python_options=("-X", "importtime"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = imported_modules(result.stderr)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -12,8 +10,8 @@ import pydicom
 
 from harness.dciodvfy import dciodvfy_errors
 from meddpm.dicom.phantom_study import segmentation
-from tests.conftest import REPO
 from tests.dicom_samples import leaked_values, save
+from tests.helpers import run_app
 
 
 def test_app_synthesises_dicom_masks_and_reports_bad_ones(demo_repository, phantom, tmp_path):
@@ -28,33 +26,23 @@ def test_app_synthesises_dicom_masks_and_reports_bad_ones(demo_repository, phant
     (inputs / "corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + os.urandom(200))
     nib.save(nib.Nifti1Image(labels, affine), inputs / "plain.nii.gz")
     out = tmp_path / "out"
-    env = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "-i",
-            inputs,
-            "-o",
-            out,
-            "-m",
-            demo_repository,
-            "-l",
-            "DEBUG",
-            "--scheduler",
-            "ddim",
-            "--steps",
-            "3",
-            "--seed",
-            "9",
-            "--output-format",
-            "dicom",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    result = run_app(
+        "-i",
+        inputs,
+        "-o",
+        out,
+        "-m",
+        demo_repository,
+        "-l",
+        "DEBUG",
+        "--scheduler",
+        "ddim",
+        "--steps",
+        "3",
+        "--seed",
+        "9",
+        "--output-format",
+        "dicom",
         timeout=600,
     )
     logs = result.stdout + result.stderr

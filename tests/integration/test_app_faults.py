@@ -7,31 +7,22 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from harness import free_port
-from meddpm.imaging.phantom_heads import make_phantom
-from tests.conftest import REPO
-from tests.helpers import FAST, run_app, run_on_tmpfs, write_mask
+from tests.helpers import FAST, app_command, run_app, run_on_tmpfs, start_app, write_mask
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    mask, _ = make_phantom(np.random.default_rng(31), (32, 32, 32), 6.0)
-    return mask
 
 
 def contents(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def test_a_mask_never_touches_anything_outside_its_own_output_folder(demo_repository, phantom, tmp_path):
+def test_a_mask_never_touches_anything_outside_its_own_output_folder(demo_repository, head, tmp_path):
     masks, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
     for folder in (masks, out / "earlier", elsewhere):
         folder.mkdir(parents=True)
@@ -41,7 +32,7 @@ def test_a_mask_never_touches_anything_outside_its_own_output_folder(demo_reposi
     (out / "linked").symlink_to(elsewhere)
     affine = np.diag([6.0, 6.0, 6.0, 1.0])
     for name in (".nii.gz", "subj.nii", "subj.nii.gz", "x\nFORGED log line.nii.gz", "linked.nii.gz", "ok.nii.gz"):
-        write_mask(masks / name, phantom, affine)
+        write_mask(masks / name, head, affine)
     before = contents(out)
 
     result = run_app("-i", masks, "-o", out, "-m", demo_repository, *FAST)
@@ -59,13 +50,12 @@ def test_a_mask_never_touches_anything_outside_its_own_output_folder(demo_reposi
     assert "mask linked:" not in output  # refused before its mask was read, let alone sampled
 
 
-def test_a_full_disk_is_named_and_leaves_nothing_behind(demo_repository, phantom, tmp_path):
+def test_a_full_disk_is_named_and_leaves_nothing_behind(demo_repository, head_file, tmp_path):
     """The output folder is a 48 KiB tmpfs (a private mount namespace): the mask's outputs do not fit, and it is
     refused before it is sampled (a write that fails all the same: tests/unit/test_output_folders.py)."""
-    write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "app", "-i", tmp_path / "head.nii.gz", "-o", out, "-m", demo_repository, *FAST]
+    command = app_command("-i", head_file, "-o", out, "-m", demo_repository, *FAST)
     result = run_on_tmpfs("48k", out, command, list_folder_after=True)
     assert result.returncode == 1, result.stdout + result.stderr
     assert re.search(
@@ -90,12 +80,11 @@ def test_a_full_disk_is_named_and_leaves_nothing_behind(demo_repository, phantom
         (("-i", "{fifo}"), 3, "is neither a regular file nor a folder"),
     ],
 )
-def test_what_cannot_work_is_refused_before_any_sampling(demo_repository, phantom, tmp_path, args, code, message):
-    write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
+def test_what_cannot_work_is_refused_before_any_sampling(demo_repository, head_file, tmp_path, args, code, message):
     (tmp_path / "file").write_text("a file, not a folder")
     os.mkfifo(tmp_path / "fifo")
     args = [str(arg).format(file=tmp_path / "file", fifo=tmp_path / "fifo") for arg in args]
-    for flag, default in (("-i", tmp_path / "head.nii.gz"), ("-o", tmp_path / "out")):
+    for flag, default in (("-i", head_file), ("-o", tmp_path / "out")):
         args += [] if flag in args else [flag, default]
     result = run_app(*args, "-m", demo_repository, "--scheduler", "ddim", "--steps", "2")
     assert result.returncode == code, result.stdout + result.stderr
@@ -105,29 +94,20 @@ def test_what_cannot_work_is_refused_before_any_sampling(demo_repository, phanto
 
 @pytest.mark.parametrize("moment", ["importing", "waiting for the server"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_start_up_exits_130_without_a_traceback(demo_repository, phantom, tmp_path, sig, moment):
+def test_a_signal_during_start_up_exits_130_without_a_traceback(demo_repository, head_file, tmp_path, sig, moment):
     """Start-up is stopped while the libraries are imported, and in its wait for a Triton server that is not there."""
-    write_mask(tmp_path / "head.nii.gz", phantom, np.diag([6.0, 6.0, 6.0, 1.0]))
-    environment = {**os.environ, "TRITON_SERVER_NETLOC": f"localhost:{free_port()}"}
-    app = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "-i",
-            tmp_path / "head.nii.gz",
-            "-o",
-            tmp_path / "out",
-            "-m",
-            demo_repository,
-            "--triton-retry-window",
-            "600",
-        ],
-        cwd=REPO,
-        env=environment,
+    app = start_app(
+        "-i",
+        head_file,
+        "-o",
+        tmp_path / "out",
+        "-m",
+        demo_repository,
+        "--triton-retry-window",
+        "600",
+        env={"TRITON_SERVER_NETLOC": f"localhost:{free_port()}"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
     seen = []
     if moment == "importing":

@@ -5,31 +5,30 @@ from __future__ import annotations
 
 import re
 import resource
-import subprocess
-import sys
 
 import nibabel as nib
-import numpy as np
 
 from benchmarks.mask_memory import head_mask
-from meddpm.imaging.phantom_heads import make_phantom
-from tests.conftest import REPO
-from tests.helpers import FAST, SAMPLING, run_on_tmpfs, write_mask
+from tests.helpers import FAST, SAMPLING, app_command, run_app, run_on_tmpfs
 
 
 def test_a_mask_beyond_the_address_space_limit_is_refused_before_sampling(demo_repository, tmp_path):
     """512^3 voxels, 4 samples, under `ulimit -v` 4.5 GB: it used to pass the check (free memory only) and die
     with a MemoryError after sampling."""
     nib.save(nib.Nifti1Image(*head_mask(512, 0.375)), tmp_path / "big.nii.gz")
-    command = [sys.executable, "-m", "app", "-i", tmp_path / "big.nii.gz", "-o", tmp_path / "out"]
-    command += ["-m", demo_repository, *FAST, "--samples", "4", "--backend", "onnxruntime"]
-    result = subprocess.run(
-        list(map(str, command)),
-        cwd=REPO,
+    result = run_app(
+        "-i",
+        tmp_path / "big.nii.gz",
+        "-o",
+        tmp_path / "out",
+        "-m",
+        demo_repository,
+        *FAST,
+        "--samples",
+        "4",
+        "--backend",
+        "onnxruntime",
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (4_500_000_000, 4_500_000_000)),
-        capture_output=True,
-        text=True,
-        timeout=1200,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
@@ -42,14 +41,11 @@ def test_a_mask_beyond_the_address_space_limit_is_refused_before_sampling(demo_r
     assert not SAMPLING.search(output) and "MemoryError" not in output and "internal error" not in output
 
 
-def test_an_output_disk_that_cannot_hold_any_mask_is_refused_at_once(demo_repository, tmp_path):
+def test_an_output_disk_that_cannot_hold_any_mask_is_refused_at_once(demo_repository, head_file, tmp_path):
     """An 8 KiB tmpfs (a private mount namespace): refused before the model is loaded, exit 2."""
-    mask, _ = make_phantom(np.random.default_rng(31), (32, 32, 32), 6.0)
-    write_mask(tmp_path / "head.nii.gz", mask, np.diag([6.0, 6.0, 6.0, 1.0]))
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "app", "-i", tmp_path / "head.nii.gz", "-o", out, "-m", demo_repository, *FAST]
-    result = run_on_tmpfs("8k", out, command)
+    result = run_on_tmpfs("8k", out, app_command("-i", head_file, "-o", out, "-m", demo_repository, *FAST))
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert f"{out}: its file system has 8 KiB free, less than any mask's outputs need (at least 16 KiB)" in output

@@ -126,3 +126,21 @@ def test_cpu_backends_benchmark_compares_every_runtime():
     ]  # fmt: skip
     openvino_fp32 = rows[1].split(" | ")
     assert float(openvino_fp32[5]) < 1e-4  # the same graph computed alike
+
+
+def test_full_size_benchmark_runs_the_whole_head_architecture_through_the_app_small(triton_venv, tmp_path):
+    """The full-size benchmark's smoke test: the whole-head architecture at 32^3 (random weights, exported), the
+    app in process and through Triton's server-side loop, one volume each, equal on the mask's grid."""
+    out = run_module(
+        "benchmarks.full_size",
+        *("--grid", 32, "--steps", 2, "--modes", "in-process", "triton-server-loop"),
+        *("--out", tmp_path / "runs", "--json", tmp_path / "full.json"),
+    )
+    result = json.loads((tmp_path / "full.json").read_text())
+    runs = {run["mode"]: run for run in result["runs"]}
+    assert set(runs) == {"in-process", "in-process-again", "triton-server-loop"}, out
+    assert runs["triton-server-loop"]["max_abs_diff_vs_first"] < 1e-5  # one loop and one runtime, wherever it runs
+    for run in runs.values():
+        assert 0 < run["first_step_s"] < run["wall_s"] and run["per_step_s"] > 0
+        assert run["app_peak_mib"] > 0 and run["estimate_mib"] > 0
+    assert runs["triton-server-loop"]["server_peak_mib"] > 0 and "| triton-server-loop |" in out

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from meddpm.imaging.phantom_heads import make_phantom
-from tests.helpers import run_app
+from tests.helpers import concurrently, run_app
 from tests.model_samples import MODEL, copy_repository, edit_manifest, install_graph, manifest_path, nan_graph
 
 pytestmark = pytest.mark.slow
@@ -55,13 +55,15 @@ def test_an_edited_manifest_is_recorded_under_its_digest_and_refused_where_anoth
     edit_manifest(repo, lambda m: m["preset"]["condition"].update(labels=[2, 1]))  # valid, but not what was exported
     edited = hashlib.sha256(manifest_path(repo).read_bytes()).hexdigest()
 
-    result = run_app("-i", mask, "-o", tmp_path / "out", "-m", repo, *STEPS, "--model-sha256", edited.upper())
-    assert result.returncode == 0, result.stderr
+    recorded, refused = concurrently(
+        lambda: run_app("-i", mask, "-o", tmp_path / "out", "-m", repo, *STEPS, "--model-sha256", edited.upper()),
+        lambda: run_app("-i", mask, "-o", tmp_path / "out2", "-m", repo, *STEPS, env={"MEDDPM_MODEL_SHA256": exported}),
+    )
+    assert recorded.returncode == 0, recorded.stderr
     record = json.loads((tmp_path / "out" / "head" / "record.json").read_text())
     assert record["model"]["manifest_sha256"] == edited
     assert record["model"]["sha256_verified"][str(manifest_path(repo))] == edited
 
-    result = run_app("-i", mask, "-o", tmp_path / "out2", "-m", repo, *STEPS, env={"MEDDPM_MODEL_SHA256": exported})
-    assert result.returncode == 5, result.stderr
-    assert f"SHA-256 {edited}, but --model-sha256 (MEDDPM_MODEL_SHA256) pins {exported}" in result.stderr
+    assert refused.returncode == 5, refused.stderr
+    assert f"SHA-256 {edited}, but --model-sha256 (MEDDPM_MODEL_SHA256) pins {exported}" in refused.stderr
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())

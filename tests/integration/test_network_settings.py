@@ -7,40 +7,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
-import numpy as np
 import pytest
 
 from harness import free_port
-from meddpm.imaging.phantom_heads import make_phantom
-from tests.conftest import REPO
-from tests.helpers import FAST, write_mask
+from tests.helpers import FAST, start_app
 
 pytestmark = pytest.mark.slow
 DICOM = ("--output-format", "dicom")
 PACS = (*DICOM, "--pacs-cstore", "ORTHANC@127.0.0.1:4242")
+OUTPUT = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}  # one stream, read as the app writes it
 
 
-@pytest.fixture
-def mask(tmp_path):
-    labels, _ = make_phantom(np.random.default_rng(31), (32, 32, 32), 6.0)
-    return write_mask(tmp_path / "head.nii.gz", labels, np.diag([6.0, 6.0, 6.0, 1.0]))
-
-
-def start_app(*args, env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "app", *map(str, args)],
-        cwd=REPO,
-        env={**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def test_bad_network_settings_are_refused_before_any_sampling(demo_repository, mask, tmp_path):
+def test_bad_network_settings_are_refused_before_any_sampling(demo_repository, head_file, tmp_path):
     (tmp_path / "latin-1").write_bytes("réader:pässword\n".encode("latin-1"))
     os.mkfifo(tmp_path / "fifo")
     stow = (*DICOM, "--pacs-stow-url", "http://127.0.0.1:1/dicom-web")
@@ -56,7 +36,9 @@ def test_bad_network_settings_are_refused_before_any_sampling(demo_repository, m
         "fifo": (stow, {"MEDDPM_DICOMWEB_CREDENTIALS_FILE": str(tmp_path / "fifo")}, "not a regular file"),
     }
     runs = {
-        name: start_app("-i", mask, "-o", tmp_path / "out" / name, "-m", demo_repository, *FAST, *args, env=env)
+        name: start_app(
+            "-i", head_file, "-o", tmp_path / "out" / name, "-m", demo_repository, *FAST, *args, env=env, **OUTPUT
+        )
         for name, (args, env, _) in cases.items()
     }
     try:
@@ -72,11 +54,23 @@ def test_bad_network_settings_are_refused_before_any_sampling(demo_repository, m
         assert not (tmp_path / "out" / name / "head").exists(), name
 
 
-def test_sigterm_ends_a_pacs_retry_pause_at_once_and_keeps_the_output(demo_repository, mask, tmp_path):
+def test_sigterm_ends_a_pacs_retry_pause_at_once_and_keeps_the_output(demo_repository, head_file, tmp_path):
     out = tmp_path / "out"
     closed = f"ORTHANC@127.0.0.1:{free_port()}"
     app = start_app(
-        "-i", mask, "-o", out, "-m", demo_repository, *FAST, *DICOM, "--pacs-cstore", closed, "--pacs-retries", "40"
+        "-i",
+        head_file,
+        "-o",
+        out,
+        "-m",
+        demo_repository,
+        *FAST,
+        *DICOM,
+        "--pacs-cstore",
+        closed,
+        "--pacs-retries",
+        "40",
+        **OUTPUT,
     )
     try:
         seen = []

@@ -4,10 +4,11 @@ synthetic MR series without any other step; the job's state is Orthanc metadata 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
-import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -21,34 +22,35 @@ from pydicom.uid import generate_uid
 from harness.dciodvfy import dciodvfy_errors
 from harness.viewer import screenshot_series
 from meddpm.dicom.phantom_study import phantom_study
+from meddpm.errors import PacsError
 from tests.conftest import REPO
 from tests.dicom_samples import PATIENT, leaked_values
-from tests.orthanc import PASSWORD, USER, OrthancServer, c_store
+from tests.helpers import app_command
+from tests.orthanc import MODALITIES, PASSWORD, USER, OrthancServer, c_store
 
-SYNTHESIS_PLUGIN = REPO / "deploy" / "orthanc" / "synthesis_plugin.py"
 METADATA = "MeddpmSynthesis"
 JOB_SECONDS = 240  # app start-up (~15 s) and a short run on a shared 2-core machine, with a wide margin
 
 
-def synthesis_orthanc(folder, repository, identity: str, arguments: list[str]) -> OrthancServer:
-    """Orthanc with the synthesis plugin running the app from this checkout on the demo model."""
+def synthesis_orthanc(
+    folder, repository, identity: str, arguments: list[str], extra: dict | None = None, **settings
+) -> OrthancServer:
+    """Orthanc as shipped, with the synthesis plugin running the app from this checkout on the demo model;
+    `settings` override the plugin's (e.g. Workers), `extra` Orthanc's (e.g. StableAge)."""
     return OrthancServer(
         folder,
-        extra={
-            "PythonScript": str(SYNTHESIS_PLUGIN),
-            "UserMetadata": {METADATA: 4201},
-            METADATA: {
-                "Command": [sys.executable, "-m", "app"],
-                "WorkingDirectory": str(REPO),
-                "ModelRepository": str(repository),
-                "IdentityPolicy": identity,
-                "Arguments": ["--seed", "1", *arguments],
-                "Workers": 2,
-                "JobsDirectory": str(folder / "jobs"),
-                "LabelMapSeriesDescription": "LABELS .*",
-            },
+        extra,
+        synthesis={
+            "Command": app_command(),
+            "WorkingDirectory": str(REPO),
+            "ModelRepository": str(repository),
+            "IdentityPolicy": identity,
+            "Arguments": ["--seed", "1", *arguments],
+            "Workers": 2,
+            "JobsDirectory": str(folder / "jobs"),
+            "LabelMapSeriesDescription": "LABELS .*",
+            **settings,
         },
-        plugins=("libOrthancPython.so", "libOrthancWebViewer.so"),
     )
 
 
@@ -210,3 +212,126 @@ def test_the_pacs_demo_script(tmp_path):
     assert f"screenshot of the Web Viewer: {tmp_path / 'demo' / 'viewer.png'}" in result.stdout
     assert (tmp_path / "demo" / "viewer.png").stat().st_size > 10_000
     assert list((tmp_path / "demo" / "jobs").glob("*/*")) == []  # each job's folder is removed
+
+
+# --- a site's PACS: closed to strangers, bounded, crash-safe ----------------------------------------------------
+
+
+def test_the_shipped_configuration_refuses_strangers(pacs, tmp_path):
+    """Orthanc as deploy/orthanc/orthanc.json ships it: no REST answer without credentials, no C-STORE from an AE
+    title that is not a registered modality, and no association that calls another AE title than its own."""
+    assert requests.get(f"{pacs.url}/system", timeout=10).status_code == 401
+    assert requests.get(f"{pacs.url}/system", auth=(USER, "wrong"), timeout=10).status_code == 401
+    mr, seg = phantom_study(51)
+    with pytest.raises(PacsError, match="refused"):
+        pacs.c_store([seg], "STRANGER")
+    with pytest.raises(PacsError, match="refused"):
+        pacs.c_store([seg], MODALITIES["tests"], called_ae="NOT-ORTHANC")
+    lookup = requests.post(f"{pacs.url}/tools/lookup", data=seg.SeriesInstanceUID, auth=(USER, PASSWORD), timeout=10)
+    assert lookup.json() == []  # nothing of it was stored
+
+
+def app_processes(jobs: Path) -> list[int]:
+    """Pids of the app processes running a job under `jobs` (their command line names the job's folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            arguments = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"app" in arguments and any(str(jobs).encode() in a for a in arguments):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def wait_until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"not within {timeout_s} s: {what}")
+
+
+def synthetic_series_of(server: OrthancServer) -> list[str]:
+    """Every synthetic series Orthanc holds."""
+    return [
+        s["ID"]
+        for s in server.get("/series?expand")
+        if s["MainDicomTags"].get("SeriesDescription", "").startswith("SYNTHETIC")
+    ]
+
+
+def test_a_full_queue_refuses_and_a_vanished_series_does_not_stop_the_worker(demo_repository, tmp_path):
+    """One worker, at most two jobs queued or running: a third SEG is refused, visibly; the queued SEG's series is
+    deleted before its turn, and the worker survives that job and does the next SEG."""
+    slow = ["--scheduler", "ddim", "--steps", "40"]  # a job that outlasts the stores below
+    server = synthesis_orthanc(tmp_path, demo_repository, "pseudonymous", slow, Workers=1, MaxQueuedJobs=2)
+    try:
+        (_, running), (_, queued), (_, refused), (_, later) = (phantom_study(seed) for seed in (61, 62, 63, 64))
+        c_store(server, [running])
+        first = server.series_id(running.SeriesInstanceUID)
+        wait_for(server, first, ("running",))
+        c_store(server, [queued])
+        gone = server.series_id(queued.SeriesInstanceUID)
+        wait_for(server, gone, ("queued",))
+        c_store(server, [refused])
+        state = wait_for(server, server.series_id(refused.SeriesInstanceUID), ("refused",))
+        assert "2 jobs are queued or running (MaxQueuedJobs)" in state["reason"], state
+        requests.delete(f"{server.url}/series/{gone}", auth=(USER, PASSWORD), timeout=10).raise_for_status()
+        assert wait_for(server, first, ("done", "failed"))["state"] == "done"
+        # the worker's next job is the deleted series: it fails, and its failure cannot even be recorded
+        unrecorded = f"series {gone}: its state cannot be recorded"
+        wait_until(lambda: unrecorded in server.log.read_text(), JOB_SECONDS, unrecorded)
+        c_store(server, [later])
+        assert wait_for(server, server.series_id(later.SeriesInstanceUID), ("done", "failed"))["state"] == "done"
+    finally:
+        server.stop()
+
+
+def test_after_sigkills_no_app_outlives_orthanc_no_job_folder_stays_and_each_seg_gets_one_series(
+    demo_repository, tmp_path
+):
+    """Real SIGKILLs of Orthanc: (1) while a SEG is still arriving (never stable before the kill): it is found and
+    queued at the next start; (2) while its job's app runs: the app dies with Orthanc, and its job folder (a copy of
+    the SEG) is removed at the next start, where the job runs again; (3) after the job stored its series but before
+    its state said so: the job runs again and stores the same instances, which Orthanc keeps once."""
+    slow = ["--scheduler", "ddim", "--steps", "40"]
+    server = synthesis_orthanc(tmp_path, demo_repository, "pseudonymous", slow, {"StableAge": 3600}, Workers=1)
+    jobs = tmp_path / "jobs"
+    try:
+        _, seg = phantom_study(71, PATIENT)
+        c_store(server, [seg])
+        source = server.series_id(seg.SeriesInstanceUID)
+        wait_for(server, source, ("waiting",))  # StableAge is an hour: only a restart can queue it
+        server.kill()
+        server.start()
+        wait_for(server, source, ("running",))
+        [app] = wait_until(lambda: app_processes(jobs), 60, "the job's app running")
+        [job_folder] = [path for path in (jobs / "meddpm-synthesis-jobs").iterdir()]
+        server.kill()
+        wait_until(lambda: not Path(f"/proc/{app}").exists(), 60, f"app {app} ended after Orthanc's SIGKILL")
+        assert job_folder.is_dir()  # what the crash left: a copy of the SEG
+        # it was stopped, not left to finish: killed as it started, it wrote nothing (an orphan would have)
+        assert not list((job_folder / "output").rglob("*.dcm"))
+        server.start()
+        wait_until(lambda: not job_folder.exists(), 60, f"{job_folder} removed at start")
+        done = wait_for(server, source, ("done", "failed"), timeout_s=2 * JOB_SECONDS)
+        assert done["state"] == "done", done
+        [synthetic] = done["synthetic_series"]
+        assert synthetic_series_of(server) == [synthetic]
+        instances = {i["ID"] for i in server.get(f"/series/{synthetic}/instances")}
+        assert len(instances) == 32
+
+        # (3) the job's series stored, its state not yet written: the crash leaves it `running`
+        state = json.dumps({"state": "running", "updated": done["updated"]})
+        requests.put(f"{server.url}/series/{source}/metadata/{METADATA}", data=state, auth=(USER, PASSWORD))
+        server.kill()
+        server.start()
+        again = wait_for(server, source, ("done", "failed"), timeout_s=2 * JOB_SECONDS)
+        assert again["state"] == "done" and again["synthetic_series"] == [synthetic], again
+        assert synthetic_series_of(server) == [synthetic]
+        assert {i["ID"] for i in server.get(f"/series/{synthetic}/instances")} == instances
+        assert app_processes(jobs) == [] and list((jobs / "meddpm-synthesis-jobs").iterdir()) == []
+    finally:
+        server.kill()

@@ -8,19 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from meddpm.imaging.phantom_heads import make_phantom
 from meddpm.output_folders import OWNER_MARK
 from tests.dicom_samples import label_map_series
 from tests.helpers import FAST, run_app, write_mask
 
 pytestmark = pytest.mark.slow
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
-
-
-@pytest.fixture(scope="module")
-def head():
-    mask, _ = make_phantom(np.random.default_rng(31), (32, 32, 32), 6.0)
-    return mask
 
 
 def tree(folder):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pydicom
@@ -27,7 +24,6 @@ from meddpm.errors import ConfigurationError, PacsError
 from meddpm.imaging.phantom_heads import make_phantom
 from meddpm.input_folders import find_mask_inputs
 from meddpm.model.presets import BUILTIN_PRESETS, load_presets
-from tests.conftest import REPO
 from tests.dicom_samples import leaked_values, save, study
 from tests.helpers import run_app
 from tests.orthanc import AE_TITLE, MODALITIES, PASSWORD, USER, OrthancServer, c_store
@@ -90,40 +86,31 @@ def test_mask_from_orthanc_comes_back_as_a_valid_synthetic_series(demo_repositor
 
     credentials = tmp_path / "dicomweb-credentials"
     credentials.write_text(f"{USER}:{PASSWORD}\n")
-    env = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", "MEDDPM_DICOMWEB_CREDENTIALS_FILE": str(credentials)}
     out = tmp_path / "output"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "-i",
-            inputs,
-            "-o",
-            out,
-            "-m",
-            demo_repository,
-            "-l",
-            "DEBUG",
-            "--scheduler",
-            "ddim",
-            "--steps",
-            "3",
-            "--seed",
-            "11",
-            "--output-format",
-            "nifti,dicom",
-            "--pacs-cstore",
-            f"{AE_TITLE}@127.0.0.1:{orthanc.dicom_port}",
-            "--pacs-calling-ae",
-            MODALITIES["meddpm"],
-            "--pacs-stow-url",
-            orthanc.dicomweb_url,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    result = run_app(
+        "-i",
+        inputs,
+        "-o",
+        out,
+        "-m",
+        demo_repository,
+        "-l",
+        "DEBUG",
+        "--scheduler",
+        "ddim",
+        "--steps",
+        "3",
+        "--seed",
+        "11",
+        "--output-format",
+        "nifti,dicom",
+        "--pacs-cstore",
+        f"{AE_TITLE}@127.0.0.1:{orthanc.dicom_port}",
+        "--pacs-calling-ae",
+        MODALITIES["meddpm"],
+        "--pacs-stow-url",
+        orthanc.dicomweb_url,
+        env={"MEDDPM_DICOMWEB_CREDENTIALS_FILE": str(credentials)},
         timeout=600,
     )
     logs = result.stdout + result.stderr

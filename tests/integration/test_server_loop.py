@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import queue
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,35 +15,24 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from harness.local_triton import DEFAULT_VENV, LocalTriton
+from harness.local_triton import LocalTriton
 from meddpm.backends.triton_client.client import TritonDenoiser
 from meddpm.backends.triton_client.options import RetryPolicy
 from meddpm.backends.triton_client.server_loop import TritonServerLoop
 from meddpm.errors import ConfigurationError, Interrupted, ModelError, ServerError
 from meddpm.imaging.geometry import condition_channels
 from meddpm.imaging.phantom_heads import make_phantom
-from meddpm.model.served_model import ServedModel, find_model
+from meddpm.model.served_model import ServedModel
 from meddpm.sampling import sampler_files
 from meddpm.sampling.loop import sample
 from meddpm.sampling.request import SamplingRequest
-from tests.conftest import REPO, edit_weights, served_runtime
+from tests.conftest import edit_weights, served_runtime
+from tests.helpers import concurrently, run_app, start_app
+from tests.model_samples import copy_repository
 
 pytestmark = pytest.mark.slow
 STEPS = 4
 UNET = "meddpm_demo_cpu"
-
-
-@pytest.fixture(scope="module")
-def triton(demo_repository):
-    if not (DEFAULT_VENV / "bin" / "python").exists():
-        pytest.fail(f"{DEFAULT_VENV} is missing: run scripts/setup_triton.sh (scripts/test.sh does)")
-    with LocalTriton(demo_repository) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def model(demo_repository) -> ServedModel:
-    return find_model(demo_repository)
 
 
 def condition_of(model: ServedModel, seed: int) -> np.ndarray:
@@ -99,12 +85,10 @@ def test_server_loop_equals_client_loop_and_streams_progress(triton, model, sche
     assert steps_seen == [(i, STEPS) for i in range(1, STEPS + 1)]
 
 
-def test_app_with_the_server_loop_equals_in_process(triton, demo_repository, tmp_path):
-    labels, _ = make_phantom(np.random.default_rng(5), (32, 32, 32), 6.0)
-    nib.save(nib.Nifti1Image(labels, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "head.nii.gz")
+def test_app_with_the_server_loop_equals_in_process(triton, demo_repository, mask_folder, tmp_path):
     common = [
         "-i",
-        tmp_path / "head.nii.gz",
+        mask_folder / "head.nii.gz",
         "-m",
         demo_repository,
         "--scheduler",
@@ -120,20 +104,15 @@ def test_app_with_the_server_loop_equals_in_process(triton, demo_repository, tmp
         "-l",
         "DEBUG",
     ]
-    environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN"}
-    results = {}
-    for mode, extra, env in [
-        ("in_process", [], {}),
-        ("server", ["--triton-loop", "server"], {"TRITON_SERVER_NETLOC": triton.url}),
-    ]:
-        done = subprocess.run(
-            [sys.executable, "-m", "app", *map(str, common), "-o", tmp_path / mode, *extra],
-            cwd=REPO,
-            env={**environment, **env},
-            capture_output=True,
-            text=True,
-            timeout=600,
+    modes = {"in_process": ([], {}), "server": (["--triton-loop", "server"], {"TRITON_SERVER_NETLOC": triton.url})}
+    runs = concurrently(  # two processes at once
+        *(
+            functools.partial(run_app, *common, "-o", tmp_path / mode, *extra, env=env, timeout=600)
+            for mode, (extra, env) in modes.items()
         )
+    )
+    results = {}
+    for mode, done in zip(modes, runs):
         assert done.returncode == 0, done.stderr[-3000:]
         results[mode] = (
             [nib.load(tmp_path / mode / "head" / f"sample_{i}.nii.gz").get_fdata() for i in range(3)],
@@ -178,8 +157,7 @@ def test_stop_cancels_the_server_loop_and_frees_the_instance(triton, model):
 def test_ctrl_c_in_the_app_cancels_the_server_loop(triton, demo_repository, tmp_path):
     labels, _ = make_phantom(np.random.default_rng(8), (32, 32, 32), 6.0)
     nib.save(nib.Nifti1Image(labels, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "head.nii.gz")
-    environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", "TRITON_SERVER_NETLOC": triton.url}
-    args = [
+    app = start_app(
         "-i",
         tmp_path / "head.nii.gz",
         "-o",
@@ -192,9 +170,8 @@ def test_ctrl_c_in_the_app_cancels_the_server_loop(triton, demo_repository, tmp_
         "ddim",
         "--steps",
         200,
-    ]
-    app = subprocess.Popen(
-        [sys.executable, "-m", "app", *map(str, args)], cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True
+        env={"TRITON_SERVER_NETLOC": triton.url},
+        stderr=subprocess.PIPE,
     )
     seen = []
     for line in app.stderr:  # the server's progress, logged by the app at INFO every tenth of the run
@@ -251,8 +228,7 @@ def test_a_sampler_of_other_code_or_another_export_is_refused_naming_both_hashes
 
 
 def test_the_server_refuses_to_load_files_changed_after_export(demo_repository, tmp_path):
-    repository = tmp_path / "models"
-    shutil.copytree(demo_repository, repository)
+    repository = copy_repository(demo_repository, tmp_path)
     edit_weights(repository / UNET / "1" / "model.onnx")
     with open(repository / "meddpm_demo_sampler" / "1" / "meddpm" / "sampling" / "loop.py", "a") as source:
         source.write("# edited after export\n")
@@ -318,28 +294,18 @@ def test_a_silent_server_ends_the_stream_at_the_deadline(fault_triton, model):
     assert time.monotonic() - started < 120
 
 
-def test_the_server_loop_without_a_server_is_a_configuration_error(demo_repository, tmp_path):
-    labels, _ = make_phantom(np.random.default_rng(5), (32, 32, 32), 6.0)
-    nib.save(nib.Nifti1Image(labels, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "head.nii.gz")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "-i",
-            tmp_path / "head.nii.gz",
-            "-o",
-            tmp_path / "out",
-            "-m",
-            demo_repository,
-            "--triton-loop",
-            "server",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+def test_the_server_loop_without_a_server_is_a_configuration_error(demo_repository, mask_folder, tmp_path):
+    done = run_app(
+        "-i",
+        mask_folder / "head.nii.gz",
+        "-o",
+        tmp_path / "out",
+        "-m",
+        demo_repository,
+        "--triton-loop",
+        "server",
+        env={"TRITON_SERVER_NETLOC": None},
         timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_SERVER_NETLOC"},
     )
     assert done.returncode == ConfigurationError.exit_code
     assert "--triton-loop server needs a Triton server: set TRITON_SERVER_NETLOC" in done.stderr

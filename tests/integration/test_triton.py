@@ -7,7 +7,6 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,73 +20,32 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from export.cli import main as export_main
 from harness import free_port
-from harness.local_triton import DEFAULT_VENV, LocalTriton, server_processes
+from harness.local_triton import LocalTriton, server_processes
 from meddpm.backends.triton_client.client import TritonDenoiser, is_this_host
 from meddpm.backends.triton_client.options import RetryPolicy
 from meddpm.errors import ConfigurationError, ModelError, ServerError
 from meddpm.imaging.geometry import condition_channels
 from meddpm.imaging.phantom_heads import make_phantom
-from meddpm.model.checkpoint import save_meddpm_checkpoint
 from meddpm.model.presets import Scheduler
 from meddpm.model.served_model import ServedModel, find_model
-from meddpm.model.unet import build_unet
 from meddpm.sampling.loop import sample
 from meddpm.sampling.request import SamplingRequest
-from tests.conftest import REPO, randomise, served_runtime
-from tests.helpers import run_app
+from tests.conftest import REPO, served_runtime
+from tests.helpers import run_app, start_app
+from tests.model_samples import copy_repository
 
 pytestmark = pytest.mark.slow
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def served_repository(demo_repository, presets, test_presets_file, tmp_path_factory):
-    """The demo model, plus a model of another preset (16^3 grid) to be called by mistake."""
-    if not (DEFAULT_VENV / "bin" / "python").exists():
-        pytest.fail(f"{DEFAULT_VENV} is missing: run scripts/setup_triton.sh (scripts/test.sh does)")
-    repository = tmp_path_factory.mktemp("served") / "models"
-    shutil.copytree(demo_repository, repository)
-    checkpoint = repository.parent / "other.pt"
-    save_meddpm_checkpoint(checkpoint, randomise(build_unet(presets["tiny"]), seed=3), presets["tiny"], step=1)
-    assert (
-        export_main(
-            [
-                "--checkpoint",
-                str(checkpoint),
-                "--preset",
-                "tiny",
-                "--presets",
-                str(test_presets_file),
-                "--repository",
-                str(repository),
-                "--name",
-                "other_head",
-            ]
-        )
-        == 0
-    )
-    return repository
-
-
-@pytest.fixture(scope="module")
-def triton(served_repository):
-    with LocalTriton(served_repository) as server:
-        yield server
-
-
 @pytest.fixture
 def own_triton(served_repository):
-    """A server of this test's own, to be killed, paused or restarted."""
-    server = LocalTriton(served_repository).start()
+    """A server of this test's own, to be killed, paused or restarted: the demo UNet alone, which is all these tests
+    call (it starts in seconds, where sampler entries take tens of seconds on a busy machine)."""
+    server = LocalTriton(served_repository, models=["meddpm_demo_cpu"]).start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def model(served_repository) -> ServedModel:
-    return find_model(served_repository, "meddpm_demo")
 
 
 def phantom_condition(model: ServedModel, seed: int) -> np.ndarray:
@@ -119,14 +77,6 @@ def our_regions() -> list[str]:
 
 
 # --- the app through Triton ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mask_folder(tmp_path_factory, model):
-    folder = tmp_path_factory.mktemp("masks")
-    labels, _ = make_phantom(np.random.default_rng(5), (32, 32, 32), 6.0)
-    nib.save(nib.Nifti1Image(labels, np.diag([6.0, 6.0, 6.0, 1.0])), folder / "head.nii.gz")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +170,7 @@ def test_app_says_when_no_server_answers(served_repository, mask_folder, tmp_pat
 
 
 def test_ctrl_c_stops_the_run_and_frees_shared_memory(triton, served_repository, mask_folder, tmp_path):
-    environment = {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", "TRITON_SERVER_NETLOC": triton.url}
-    args = [
+    app = start_app(
         "-i",
         mask_folder,
         "-o",
@@ -234,9 +183,8 @@ def test_ctrl_c_stops_the_run_and_frees_shared_memory(triton, served_repository,
         "ddim",
         "--steps",
         200,
-    ]
-    app = subprocess.Popen(
-        [sys.executable, "-m", "app", *map(str, args)], cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True
+        env={"TRITON_SERVER_NETLOC": triton.url},
+        stderr=subprocess.PIPE,
     )
     seen = []
     for line in app.stderr:
@@ -336,8 +284,7 @@ def test_a_server_serving_another_export_is_refused_naming_both_hashes(triton, m
 
 
 def test_a_config_named_unlike_its_folder_is_refused_naming_both(demo_repository, tmp_path):
-    repository = tmp_path / "models"
-    shutil.copytree(demo_repository, repository)
+    repository = copy_repository(demo_repository, tmp_path)
     config = repository / "meddpm_demo_cpu" / "config.pbtxt"
     config.write_text(config.read_text().replace('name: "meddpm_demo_cpu"', 'name: "meddpm_demo2_cpu"'))
     expected = (
@@ -431,6 +378,8 @@ def test_sigterm_stops_the_local_server_it_started_and_its_log_is_outside_the_re
         grpc_port,
         "--http-port",
         http_port,
+        "--models",
+        "meddpm_demo_cpu",
     ]
     process = subprocess.Popen(
         list(map(str, command)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -11,7 +11,7 @@ import textwrap
 from meddpm.model.manifest import sha256_of
 from meddpm.sampling import sampler_files
 from tests.conftest import REPO
-from tests.helpers import imported_modules
+from tests.helpers import imported_modules, run_app
 
 
 def test_the_sampling_core_runs_from_its_copy_alone(tmp_path):
@@ -58,13 +58,7 @@ def test_the_sampling_core_runs_from_its_copy_alone(tmp_path):
 
 
 def test_help_loads_no_sdk_dicom_pacs_or_triton_library():
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "app", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_app("--help", python_options=("-X", "importtime"), timeout=300)
     assert result.returncode == 0 and "| `--scheduler` |" in result.stdout, result.stderr
     loaded = {name.split(".")[0] for name in imported_modules(result.stderr)}
     heavy = {
