@@ -66,6 +66,7 @@ def test_inputs_and_outputs_that_meet_are_refused_before_any_work(demo_repositor
     assert tree(tmp_path) == before
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")  # pydicom warns of the invalid Series Numbers made
 def test_dicom_attributes_name_no_folder_outside_the_output_and_forge_no_log_line(demo_repository, tmp_path):
     """Series Numbers `1/../../ESCAPED` and one holding a newline and a forged log line."""
     label_map_series(tmp_path / "in" / "a", b"1/../../ESCAPED", 0)
