@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -35,10 +36,13 @@ LIBRARIES = {
 }
 
 
-def rows(checkouts: list[Path], repository: Path, mask: Path, out: Path) -> dict[str, list[str | Path]]:
-    """Row name -> (command, cwd); the app's rows once per checkout."""
+Row = tuple[list[str], Path, re.Pattern | None]  # command, where it runs, the line that marks its first step
+
+
+def rows(checkouts: list[Path], repository: Path, mask: Path, out: Path) -> dict[str, Row]:
+    """Row name -> (command, cwd, first-step line); the app's rows once per checkout."""
     python = sys.executable
-    table: dict = {name: ([python, "-c", code], REPO, None) for name, code in LIBRARIES.items()}
+    table: dict[str, Row] = {name: ([python, "-c", code], REPO, None) for name, code in LIBRARIES.items()}
     for index, checkout in enumerate(checkouts):
         tag = f"[{index}] " if len(checkouts) > 1 else ""
         table[f"{tag}python -m app --help"] = ([python, "-m", "app", "--help"], checkout, None)
