@@ -11,8 +11,10 @@ complete, the files it holds. The mark decides what may be removed:
 - an existing target is replaced only when each of its files is one its mark lists (or is empty): a folder of
   the user's, or one the user added files to, is refused, naming the files;
 - a staging folder left by a writer that is gone (killed, crashed) is removed by the next writer beside it only when
-  it carries the mark of a writer on this host whose lock is free; a folder that merely has such a name is left
-  alone, and so is one from another host, whose writer cannot be checked from here (logged);
+  it carries the mark of a writer on this host whose lock is free (or is empty but for an unfinished mark); a folder
+  that merely has such a name is left alone, and so is one from another host, whose writer cannot be checked from
+  here (logged). Marks are written whole and removed last, so a writer killed at any moment leaves a folder that is
+  still recognisably the app's;
 - two writers of one target at once (two runs, or two pods on shared storage): the one that started first writes,
   the other is refused, so that neither overwrites the other unnoticed.
 """
@@ -77,8 +79,9 @@ class OwnerMark:
     files: tuple[str, ...] | None = None  # None while the folder is being written
 
     def write(self, folder: Path) -> None:
+        """Write the mark whole: a writer killed meanwhile leaves the previous mark, or none and a temporary file."""
         data = {"written_by": _WRITTEN_BY, "writer": dataclasses.asdict(self.writer), "files": self.files}
-        (folder / OWNER_MARK).write_text(json.dumps(data, indent=1) + "\n")
+        write_text(folder / OWNER_MARK, json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def read(cls, folder: Path) -> OwnerMark | None:
@@ -122,7 +125,7 @@ def staged_folder(target: Path) -> Iterator[Path]:
         _swap_into_place(staging, target)
     finally:
         os.close(lock)
-        shutil.rmtree(staging, ignore_errors=True)  # the old version, or the unfinished new one
+        _remove_marked_folder(staging)  # the old version, or the unfinished new one
 
 
 def check_target(target: Path) -> None:
@@ -208,24 +211,49 @@ def remove_leftovers(folder: Path) -> list[str]:
                 )
                 continue
             with _lock_if_free(path) as free:  # held while removing: a writer that takes it next finds it gone
-                if free and mark is not None:
-                    shutil.rmtree(path, ignore_errors=True)
+                # A writer killed before its first mark was in place left the folder empty, or holding only the
+                # mark's temporary file; any other folder without the mark is not the app's.
+                if free and (mark is not None or _holds_only_unfinished_marks(path)):
+                    _remove_marked_folder(path)
                     removed.append(entry.name)
-                elif free:  # a writer killed before it wrote its mark left it empty; anything else is not ours
-                    with contextlib.suppress(OSError):
-                        path.rmdir()
-                        removed.append(entry.name)
     return removed
+
+
+def _holds_only_unfinished_marks(folder: Path) -> bool:
+    unfinished = _temporary_name(folder / OWNER_MARK)
+    try:
+        return all(entry.name.startswith(unfinished) for entry in os.scandir(folder))
+    except OSError:
+        return False
+
+
+def _remove_marked_folder(folder: Path) -> None:
+    """Remove a folder the app wrote, its mark last: a removal cut short leaves a folder still known as the app's."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif entry.name != OWNER_MARK:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+    (folder / OWNER_MARK).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def write_text(path: Path, text: str) -> None:
     """Write a file whole: a reader sees the old text or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{_temporary_name(path)}{os.getpid()}")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temporary_name(path: Path) -> str:
+    """The start of the name write_text gives the file it fills before putting it at `path`."""
+    return f".{path.name}.tmp-"
 
 
 def _locked_staging_folder(target: Path) -> tuple[Path, int, Writer]:

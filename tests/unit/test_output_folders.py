@@ -207,7 +207,15 @@ def test_a_users_folder_named_like_a_staging_folder_is_not_a_leftover(tmp_path):
     backup.mkdir()
     (backup / "chapter1.tex").write_text("precious")
     (tmp_path / ".empty.partial-x").mkdir()  # empty: a writer killed before its mark; nothing to lose
-    assert remove_leftovers(tmp_path) == [".empty.partial-x"]
+    unfinished = tmp_path / ".subj.partial-y"  # a writer killed while its first mark was being written
+    unfinished.mkdir()
+    (unfinished / f".{OWNER_MARK}.tmp-123").write_text('{"written_by": "med')
+    half_marked = tmp_path / ".notes.partial-z"  # a mark is written whole, so this one is not the app's
+    half_marked.mkdir()
+    (half_marked / OWNER_MARK).write_text('{"written_by": "med')
+    (half_marked / "notes.txt").write_text("precious")
+    assert sorted(remove_leftovers(tmp_path)) == [".empty.partial-x", ".subj.partial-y"]
+    assert (half_marked / "notes.txt").read_text() == "precious"
     write_version(tmp_path / "thesis", "first")
     assert (backup / "chapter1.tex").read_text() == "precious"
 
