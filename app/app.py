@@ -189,7 +189,11 @@ def make_denoiser(triton_url: str | None, model: ServedModel, settings: RunSetti
     """The Triton server when an address is given (TRITON_SERVER_NETLOC / --triton-server-netloc), else in process."""
     if not triton_url:
         denoiser = in_process_denoiser(
-            model.onnx_path, settings.backend, settings.precision, model.preset.schedule.timesteps, settings.threads
+            model.onnx_path,
+            model.preset,
+            settings.backend,
+            settings.precision,
+            settings.threads,
         )
         try:  # the estimate is calibrated for the runtime that `auto` chose
             batch = min(settings.batch_size, settings.samples)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
-from meddpm.backends.options import Backend, Precision
+from meddpm.backends.options import Backend
 from meddpm.backends.triton_client.options import LoopMode, RetryPolicy, Transport
 from meddpm.choices import parse_choice
 from meddpm.dicom.options import (
@@ -33,7 +33,7 @@ from meddpm.dicom.options import (
 )
 from meddpm.errors import ConfigurationError
 from meddpm.imaging.formats import OutputFormat
-from meddpm.model.presets import Preset, Scheduler
+from meddpm.model.presets import Precision, Preset, Scheduler
 from meddpm.sampling.request import MAX_SEED
 from meddpm.sampling.schedulers import SCHEDULERS
 
@@ -259,13 +259,13 @@ class RunSettings:
         _choice(Precision, "precision"),
         Precision.AUTO,
         "fp32, bf16, mixed (fp32 at high noise, bf16 below; bf16 and mixed need OpenVINO and a CPU with native "
-        "BF16), or auto (fp32)",
+        "BF16), or auto (on such a CPU, the precision that passed the model's quality gate; else fp32)",
     )
     triton_model: str | None = setting(
         "MEDDPM_TRITON_MODEL",
         str,
         None,
-        "served model to call (default: NAME or NAME_cpu, whichever is ready)",
+        "served model to call (default: NAME, NAME_openvino or NAME_cpu, the first ready)",
     )
     triton_transport: Transport = setting(
         "MEDDPM_TRITON_TRANSPORT",

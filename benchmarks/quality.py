@@ -17,6 +17,7 @@ label.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.imaging.masks import LabelMask
 from meddpm.imaging.phantom_heads import BRAIN, TUMOUR, dice, make_phantom, segment
-from meddpm.model.presets import Scheduler
+from meddpm.model.presets import Preset, Scheduler
 from meddpm.model.served_model import find_model
 from meddpm.sampling.loop import DenoiserLoop
 from meddpm.sampling.request import SamplingRequest
@@ -39,44 +40,66 @@ LABELS = {"brain": BRAIN, "tumour": TUMOUR}
 
 def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, runs: list[tuple[str, int]]) -> dict:
     model = find_model(repository, model_name)
-    preset = model.preset
     pipeline = SynthesisPipeline(model, DenoiserLoop(OnnxRuntimeDenoiser(model.onnx_path)), batch_size=2)
-    rng = np.random.default_rng(seed)
-    affine = np.diag([*preset.image.voxel_size_mm, 1.0])
-    phantoms = [make_phantom(rng, preset.image.mask_shape, preset.image.voxel_size_mm[0]) for _ in range(masks)]
-    ceiling = per_sample_dice([(image, mask) for mask, image in phantoms])
+    phantoms = held_out_phantoms(model.preset, masks, seed)
+    ceiling = per_sample_dice([(phantom.image, phantom.mask.labels) for phantom in phantoms])
     results = {
         "model": model.name,
         "masks": masks,
         "samples_per_mask": 2,
         "seed": seed,
-        "ground_truth_ceiling": {label: _stats(values) for label, values in ceiling.items()},
+        "ground_truth_ceiling": {label: stats(values) for label, values in ceiling.items()},
         "runs": [],
     }
     reference = None
     for name, steps in runs:
         started = time.monotonic()
-        pairs, diversity = [], []
-        for index, (mask, _) in enumerate(phantoms):
-            phantom = LabelMask(f"phantom_{index}", mask, affine, f"phantom {index}")
-            synthesis = pipeline(phantom, SamplingRequest(name, steps, seed * 1000 + 2 * index, samples=2))
-            on_mask_grid = [volume[0] for volume in synthesis.samples]
-            pairs += [(image, mask) for image in on_mask_grid]
-            diversity.append(float(np.abs(on_mask_grid[0] - on_mask_grid[1])[mask > 0].mean()))
-        scores = per_sample_dice(pairs)
+        scores, diversity = synthesise_and_score(pipeline, phantoms, name, steps, seed)
         reference = scores if (name, steps) == REFERENCE else reference
         entry = {
             "scheduler": name,
             "steps": steps,
             "seconds": round(time.monotonic() - started, 1),
-            **{f"dice_{label}": _stats(values) for label, values in scores.items()},
-            "diversity": _stats(diversity),
+            **{f"dice_{label}": stats(values) for label, values in scores.items()},
+            "diversity": stats(diversity),
         }
         if reference is not None:
-            entry["vs_ddpm250"] = {label: _paired(scores[label], reference[label]) for label in LABELS}
+            entry["vs_ddpm250"] = {label: paired_difference(scores[label], reference[label]) for label in LABELS}
         results["runs"].append(entry)
         print(_row(entry), flush=True)
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Phantom:
+    mask: LabelMask
+    image: np.ndarray  # the phantom's ground-truth image, on the mask's grid
+
+
+def held_out_phantoms(preset: Preset, count: int, seed: int) -> list[Phantom]:
+    """Phantom heads the demo model never saw in training (its training seeds differ), at the preset's mask grid."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([*preset.image.voxel_size_mm, 1.0])
+    phantoms = []
+    for index in range(count):
+        labels, image = make_phantom(rng, preset.image.mask_shape, preset.image.voxel_size_mm[0])
+        phantoms.append(Phantom(LabelMask(f"phantom_{index}", labels, affine, f"phantom {index}"), image))
+    return phantoms
+
+
+def synthesise_and_score(
+    pipeline: SynthesisPipeline, phantoms: list[Phantom], scheduler: str, steps: int, seed: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Two samples of each phantom (the same initial noise for the same seed, whatever runs the UNet): Dice per
+    label and sample, and each phantom's diversity (mean absolute difference of its two samples inside the head)."""
+    pairs, diversity = [], []
+    for index, phantom in enumerate(phantoms):
+        synthesis = pipeline(phantom.mask, SamplingRequest(scheduler, steps, seed * 1000 + 2 * index, samples=2))
+        on_mask_grid = [volume[0] for volume in synthesis.samples]
+        labels = phantom.mask.labels
+        pairs += [(image, labels) for image in on_mask_grid]
+        diversity.append(float(np.abs(on_mask_grid[0] - on_mask_grid[1])[labels > 0].mean()))
+    return per_sample_dice(pairs), diversity
 
 
 def per_sample_dice(images_and_masks: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, list[float]]:
@@ -101,14 +124,14 @@ def suggested_defaults(results: dict, tolerance: float) -> dict[str, int]:
     return picks
 
 
-def _stats(values: list[float]) -> dict:
+def stats(values: list[float]) -> dict:
     values = [v for v in values if not np.isnan(v)]
     if not values:
         return {"n": 0}
     return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4), "n": len(values)}
 
 
-def _paired(values: list[float], reference: list[float]) -> dict:
+def paired_difference(values: list[float], reference: list[float]) -> dict:
     """Mean paired difference to the reference and its standard error (samples from the same initial noise)."""
     differences = np.array(values) - np.array(reference)
     differences = differences[~np.isnan(differences)]

@@ -45,13 +45,12 @@ from benchmarks.onnxruntime_options import StockOnnxRuntimeDenoiser
 from harness.local_triton import LocalTriton
 from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.backends.openvino_denoiser import OpenVinoDenoiser
-from meddpm.backends.options import Precision
 from meddpm.backends.triton_client.client import TritonDenoiser
 from meddpm.backends.triton_client.server_loop import TritonServerLoop
 from meddpm.imaging.geometry import ModelGrid
 from meddpm.imaging.phantom_heads import make_phantom
 from meddpm.model.checkpoint import load_checkpoint
-from meddpm.model.presets import Scheduler
+from meddpm.model.presets import Precision, Scheduler
 from meddpm.model.schedule import betas, meddpm_buffers
 from meddpm.model.served_model import ServedModel
 from meddpm.sampling.denoiser import Denoiser, NoisePredictor

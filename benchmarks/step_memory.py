@@ -25,9 +25,9 @@ import numpy as np
 from benchmarks.random_weights import random_unet
 from export import onnx_graph
 from meddpm.backends.in_process import in_process_denoiser
-from meddpm.backends.options import Backend, Precision
+from meddpm.backends.options import Backend
 from meddpm.imaging.memory import step_memory_estimate
-from meddpm.model.presets import get_preset
+from meddpm.model.presets import Precision, get_preset
 from meddpm.model.unet import ConditionalDenoiser
 
 
@@ -40,7 +40,7 @@ def export_random(preset_name: str, path: Path) -> None:
 def one_step(onnx_path: str, preset_name: str, side: int, batch: int, backend: Backend) -> None:
     """Run in a fresh process: load the model, run one step, print the peak memory as JSON."""
     preset = get_preset(preset_name)
-    denoiser = in_process_denoiser(Path(onnx_path), backend, Precision.FP32, preset.schedule.timesteps)
+    denoiser = in_process_denoiser(Path(onnx_path), preset, backend, Precision.FP32)
     rng = np.random.default_rng(0)
     grid = (side,) * 3
     noisy = rng.standard_normal((batch, preset.out_channels, *grid), dtype=np.float32)

@@ -93,6 +93,12 @@ def run(args: argparse.Namespace) -> Manifest:
                 ),
                 {"model.onnx": onnx_path},
             ),
+            name + Entry.OPENVINO: (
+                repository.model_config(
+                    name + Entry.OPENVINO, preset, Entry.OPENVINO, args.max_batch_size, onnx_sha256
+                ),
+                {"model.onnx": onnx_path},
+            ),
             name + Entry.CPU: (
                 repository.model_config(name + Entry.CPU, preset, Entry.CPU, args.max_batch_size, onnx_sha256),
                 {"model.onnx": onnx_path, "model.py": repository.PYTHON_MODEL_SOURCE},
@@ -107,7 +113,10 @@ def run(args: argparse.Namespace) -> Manifest:
             )
         entries[name + Entry.SAMPLER] = (  # the loop on the server, calling any of the UNet entries
             repository.sampler_config(
-                name + Entry.SAMPLER, preset, list(entries), args.max_batch_size, manifest.sampler_package.sha256
+                name + Entry.SAMPLER,
+                preset,
+                {entry: config.max_batch_size for entry, (config, _) in entries.items()},
+                manifest.sampler_package.sha256,
             ),
             {"model.py": repository.SAMPLER_MODEL_SOURCE, **repository.SAMPLER_CORE_FILES},
         )

@@ -2,10 +2,12 @@
 
 For a model NAME the repository gets:
 - NAME/      the ONNX Runtime backend config (GPU instances by default; optional TensorRT accelerator);
-- NAME_cpu/  the same graph served by the python backend with ONNX Runtime, for CPU-only Triton servers
-             (the nvidia-pytriton `tritonserver` has no onnxruntime backend), under the same tensor names;
+- NAME_openvino/  the same graph on Triton's OpenVINO backend, for CPU servers running the stock container
+             (whose python has neither OpenVINO nor ONNX Runtime); one sample a call (OPENVINO_MAX_BATCH_SIZE);
+- NAME_cpu/  the same graph served by the python backend with OpenVINO (else ONNX Runtime), for Triton servers
+             with neither backend (the nvidia-pytriton `tritonserver`), under the same tensor names;
 - NAME_trt/  a TensorRT plan, only when asked for and TensorRT is installed;
-- NAME_sampler/  the whole sampling loop (python backend, decoupled), calling NAME or NAME_cpu through BLS;
+- NAME_sampler/  the whole sampling loop (python backend, decoupled), calling any UNet entry through BLS;
              its version folder holds a copy of the sampling core (the files meddpm.sampling.sampler_files
              lists), so the server runs the app's own loop and nothing else of the package.
 Each version folder holds `manifest.json`: the preset, the source checkpoint's hash, the hashes of the graph and
@@ -40,6 +42,11 @@ PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 SAMPLER_MODEL_SOURCE = Path(__file__).with_name("triton_sampler_model.py")
 SAMPLER_CORE_FILES = {f"{SAMPLER_PACKAGE}/{name}": sampler_files.PACKAGE / name for name in sampler_files.FILES}
 SAMPLER_INSTANCES = 2
+# Triton's OpenVINO backend refuses a batch smaller than max_batch_size unless it pads it (ENABLE_BATCH_PADDING),
+# computing the padding too: one sample a call wastes nothing, and a CPU gains little from batching anyway.
+OPENVINO_MAX_BATCH_SIZE = 1
+# What the OpenVINO backend is asked for: the latency of one call, one stream (as the app's in-process OpenVINO).
+OPENVINO_PARAMETERS = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
 VERSIONS_RECORDED = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
@@ -57,11 +64,17 @@ def check_model_name(name: str) -> None:
 def model_config(
     name: str, preset: Preset, entry: Entry, max_batch_size: int, onnx_sha256: str, tensorrt_accelerator: bool = False
 ) -> mc.ModelConfig:
-    """The config of one UNet entry: the graph (UNET), the graph on the python backend (CPU), or the TensorRT plan
-    built from the graph whose hash is `onnx_sha256` (TRT)."""
+    """The config of one UNet entry: the graph (UNET), the graph on the OpenVINO backend (OPENVINO) or on the python
+    backend (CPU), or the TensorRT plan built from the graph whose hash is `onnx_sha256` (TRT)."""
     config = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
     if entry == Entry.UNET:
         config.platform = "onnxruntime_onnx"
+    elif entry == Entry.OPENVINO:
+        config.backend = "openvino"
+        config.default_model_filename = "model.onnx"
+        config.max_batch_size = OPENVINO_MAX_BATCH_SIZE
+        for key, value in OPENVINO_PARAMETERS.items():
+            config.parameters[key].string_value = value
     elif entry == Entry.CPU:
         config.backend = "python"
     elif entry == Entry.TRT:
@@ -74,9 +87,11 @@ def model_config(
         if tensor_name == TIMESTEP:  # the graph's timestep is (batch,): Triton's [1] reshaped to []
             tensor.reshape.SetInParent()
     config.output.add(name=PREDICTED_NOISE, data_type=mc.TYPE_FP32, dims=shapes[PREDICTED_NOISE])
-    config.dynamic_batching.max_queue_delay_microseconds = 100
+    if config.max_batch_size > 1:
+        config.dynamic_batching.max_queue_delay_microseconds = 100
+    on_cpu = entry in (Entry.OPENVINO, Entry.CPU)
     config.instance_group.add(
-        count=1, kind=mc.ModelInstanceGroup.KIND_CPU if entry == Entry.CPU else mc.ModelInstanceGroup.KIND_GPU
+        count=1, kind=mc.ModelInstanceGroup.KIND_CPU if on_cpu else mc.ModelInstanceGroup.KIND_GPU
     )
     if entry == Entry.CPU:
         config.parameters["onnx_file"].string_value = "model.onnx"
@@ -89,9 +104,7 @@ def model_config(
     return config
 
 
-def sampler_config(
-    name: str, preset: Preset, unet_models: list[str], unet_max_batch_size: int, package_sha256: str
-) -> mc.ModelConfig:
+def sampler_config(name: str, preset: Preset, unet_models: dict[str, int], package_sha256: str) -> mc.ModelConfig:
     """The server-side loop: one condition in, progress per step and the volumes out (decoupled)."""
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     shapes = sample_shapes(preset)
@@ -101,8 +114,8 @@ def sampler_config(
     config.model_transaction_policy.decoupled = True
     # Each instance runs one loop at a time; the UNet's dynamic batcher merges the steps of concurrent loops.
     config.instance_group.add(count=SAMPLER_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)
-    config.parameters["unet_models"].string_value = ",".join(unet_models)
-    config.parameters["unet_max_batch_size"].string_value = str(unet_max_batch_size)
+    # the UNet entries it may call, each with its max batch size: "NAME:4,NAME_openvino:1,..."
+    config.parameters["unet_models"].string_value = ",".join(f"{m}:{batch}" for m, batch in unet_models.items())
     config.parameters[PACKAGE_SHA256].string_value = package_sha256
     return config
 

@@ -83,8 +83,10 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("the sampler must be decoupled (model_transaction_policy)")
         parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
-        self.unet_models = parameters["unet_models"].split(",")
-        self.unet_max_batch_size = int(parameters["unet_max_batch_size"])
+        # "NAME:4,NAME_openvino:1,...": the UNet entries it may call and their max batch sizes
+        self.unet_models = {
+            name: int(batch) for name, batch in (entry.rsplit(":", 1) for entry in parameters["unet_models"].split(","))
+        }
         folder = os.path.join(args["model_repository"], args["model_version"])
         package = Path(folder, SAMPLER_PACKAGE)
         found, expected = sha256_of(package), parameters.get(PACKAGE_SHA256)
@@ -105,7 +107,9 @@ class TritonPythonModel:
         """Run one request's loop; whatever happens, its last response carries the final flag."""
         sender = request.get_response_sender()
         try:
-            sampling, unet_model = protocol.decode_request(json.loads(request.parameters() or "{}"), self.unet_models)
+            sampling, unet_model = protocol.decode_request(
+                json.loads(request.parameters() or "{}"), list(self.unet_models)
+            )
             condition = pb_utils.get_input_tensor_by_name(request, CONDITION).as_numpy()
             stop = threading.Event()
             if sender.is_cancelled():
@@ -120,7 +124,7 @@ class TritonPythonModel:
 
             started = time.monotonic()
             image = sample(
-                BlsDenoiser(unet_model, self.unet_max_batch_size),
+                BlsDenoiser(unet_model, self.unet_models[unet_model]),
                 condition,
                 sampling,
                 self.preset,

@@ -110,7 +110,7 @@ def phantom():
 def served_runtime(model):
     """The runtime the local Triton's `_cpu` model runs (harness/local_triton.py), in this process: OpenVINO, FP32."""
     from meddpm.backends.openvino_denoiser import OpenVinoDenoiser
-    from meddpm.backends.options import Precision
+    from meddpm.model.presets import Precision
 
     return OpenVinoDenoiser(model.onnx_path, Precision.FP32, model.preset.schedule.timesteps)
 

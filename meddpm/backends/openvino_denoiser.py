@@ -1,7 +1,7 @@
 """The exported graph in process with OpenVINO's CPU runtime: FP32, BF16 on CPUs with native BF16, or mixed.
 
 The graph is compiled once per input shape (the batch of a run) and precision, the condition bound once per volume.
-Mixed precision runs the steps at high noise (t >= MIXED_FP32_FROM of the schedule) in FP32 and the rest in BF16.
+Mixed precision runs the steps at high noise in FP32 and the rest in BF16 (meddpm.backends.options.step_precision).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from meddpm.backends.options import MIXED_FP32_FROM, Precision
+from meddpm.backends.options import step_precision
 from meddpm.errors import ConfigurationError, ModelError
+from meddpm.model.presets import Precision
 from meddpm.model.tensors import CONDITION, NOISY_IMAGE, PREDICTED_NOISE, TIMESTEP
 from meddpm.sampling.denoiser import Denoiser, NoisePredictor
 
@@ -45,8 +46,7 @@ class OpenVinoDenoiser(Denoiser):
             raise ModelError(
                 f"{onnx_path}: OpenVINO cannot read the model ({error}); re-run `python -m export`"
             ) from None
-        self.precision = precision
-        self.fp32_from = MIXED_FP32_FROM * timesteps if precision == Precision.MIXED else None
+        self.precision, self.timesteps = precision, timesteps
         self.threads = threads
         self.compiled: dict[tuple[Any, ...], Any] = {}
         self.name = f"openvino ({precision})"
@@ -83,15 +83,10 @@ class OpenVinoDenoiser(Denoiser):
             requests[precision] = request
 
         def predict_noise(noisy_image: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-            request = requests[self.precision_at(float(timestep[0]))]
+            request = requests[step_precision(self.precision, float(timestep[0]), self.timesteps)]
             request.set_tensor(NOISY_IMAGE, ov.Tensor(np.ascontiguousarray(noisy_image, dtype=np.float32)))
             request.set_tensor(TIMESTEP, ov.Tensor(np.ascontiguousarray(timestep, dtype=np.float32)))
             request.infer()
             return request.get_tensor(PREDICTED_NOISE).data.copy()
 
         yield predict_noise
-
-    def precision_at(self, timestep: float) -> Precision:
-        if self.fp32_from is None:
-            return self.precision
-        return Precision.FP32 if timestep >= self.fp32_from else Precision.BF16

@@ -39,8 +39,24 @@ class Scheduler(StrEnum):
     DPMPP2M_SDE = "dpmpp2m-sde"
 
 
+class Precision(StrEnum):
+    """The precision the UNet runs at in process (meddpm.backends)."""
+
+    AUTO = "auto"  # the preset's gated_precision on a CPU with native BF16 and OpenVINO, else fp32
+    FP32 = "fp32"
+    BF16 = "bf16"  # OpenVINO, on a CPU with native BF16 (AMX or AVX512-BF16)
+    MIXED = (
+        "mixed"  # fp32 at high noise (meddpm.backends.options.step_precision), where errors are amplified; bf16 below
+    )
+
+
 # Keys of a preset table whose values are one of an option set.
-_CHOICES: dict[str, type[StrEnum]] = {"scale": ConditionScale, "axis_order": AxisOrder, "default_scheduler": Scheduler}
+_CHOICES: dict[str, type[StrEnum]] = {
+    "scale": ConditionScale,
+    "axis_order": AxisOrder,
+    "default_scheduler": Scheduler,
+    "gated_precision": Precision,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +110,9 @@ class Preset:
     condition: ConditionConfig
     image: ImageConfig
     schedule: ScheduleConfig
+    # What `--precision auto` runs on a CPU with native BF16: the cheapest precision whose quality gate
+    # (benchmarks/precision_gate.py) passed on the weights this preset ships with; fp32 where none was measured.
+    gated_precision: Precision = Precision.FP32
 
     @property
     def in_channels(self) -> int:
@@ -121,6 +140,9 @@ class Preset:
                 condition=_build(ConditionConfig, table["condition"]),
                 image=_build(ImageConfig, table["image"]),
                 schedule=_build(ScheduleConfig, table["schedule"]),
+                gated_precision=parse_choice(
+                    Precision, str(table.get("gated_precision", Precision.FP32)), "value of gated_precision"
+                ),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigurationError(
@@ -150,6 +172,7 @@ class Preset:
                 f"model_channels * channel_mult must be divisible by norm_groups ({self.unet.norm_groups})",
             ),
             (len(self.image.orientation) == 3, "image.orientation needs three axis codes such as 'RAS'"),
+            (self.gated_precision != Precision.AUTO, "gated_precision is fp32, bf16 or mixed: what auto resolves to"),
         ]
         for ok, message in checks:
             if not ok:

@@ -24,7 +24,8 @@ class Entry(StrEnum):
     the suffix of the entry's folder."""
 
     UNET = ""  # NAME: the graph on Triton's ONNX Runtime backend (GPU instances)
-    CPU = "_cpu"  # the same graph on the python backend, ONNX Runtime inside, for CPU-only servers
+    OPENVINO = "_openvino"  # the same graph on Triton's OpenVINO backend: CPU servers running the stock container
+    CPU = "_cpu"  # the same graph on the python backend (OpenVINO, else ONNX Runtime, inside)
     TRT = "_trt"  # a TensorRT plan built from the graph
     SAMPLER = "_sampler"  # the server-side sampling loop, calling one of the others through BLS
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from meddpm.backends.openvino_denoiser import native_bf16
 from meddpm.imaging.phantom_heads import BRAIN, TUMOUR, dice, make_phantom, segment
 from meddpm.model.manifest import sha256_of
 from tests.conftest import edit_weights
@@ -17,6 +18,7 @@ from tests.helpers import PATIENT, concurrently, imported_modules, run_app, writ
 from tests.model_samples import copy_repository
 
 pytestmark = pytest.mark.slow
+MIXED_MEAN_DIFFERENCE = 0.01  # of the model range [-1, 1]: BF16 at low noise; measured 0.0018 (max 0.013)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,32 @@ def test_same_seed_same_volume(demo_repository, masks, tmp_path):
         assert result.returncode == 0, result.stderr
         volumes.append(nib.load(tmp_path / name / "native" / "sample_0.nii.gz").get_fdata())
     assert np.array_equal(volumes[0], volumes[1])
+
+
+def test_auto_precision_is_the_gated_mixed_where_the_cpu_has_native_bf16(demo_repository, masks, tmp_path):
+    """The demo preset's gate passed mixed (docs/performance.md): `auto` runs it on a CPU with native BF16, FP32
+    elsewhere; mixed's volume stays close to FP32's, its tissue the same."""
+
+    def run(precision):
+        arguments = ("--steps", "8", "--scheduler", "dpmpp2m-sde", "--seed", "5", "--precision", precision)
+        return run_app("-i", masks / "native.nii.gz", "-o", tmp_path / precision, "-m", demo_repository, *arguments)
+
+    outputs = {}
+    for precision, result in zip(("auto", "fp32"), concurrently(lambda: run("auto"), lambda: run("fp32"))):
+        assert result.returncode == 0, result.stderr
+        record = json.loads((tmp_path / precision / "native" / "record.json").read_text())
+        outputs[precision] = (
+            record["backend"],
+            nib.load(tmp_path / precision / "native" / "sample_0.nii.gz").get_fdata(),
+        )
+    (auto_backend, auto), (fp32_backend, fp32) = outputs["auto"], outputs["fp32"]
+    assert fp32_backend == "openvino (fp32)"
+    if not native_bf16():
+        assert auto_backend == "openvino (fp32)" and np.array_equal(auto, fp32)
+        return
+    assert auto_backend == "openvino (mixed)" and not np.array_equal(auto, fp32)
+    assert np.abs(auto - fp32).mean() < MIXED_MEAN_DIFFERENCE
+    assert dice(segment(auto), segment(fp32), BRAIN) > 0.98
 
 
 def test_rescale_maps_the_model_range(demo_repository, masks, tmp_path):

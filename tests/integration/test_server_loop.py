@@ -203,7 +203,7 @@ def test_bad_settings_come_back_as_configuration_errors(triton, model):
         [condition],
         parameters={"scheduler": "ddim", "steps": 2, "seed": 1, "samples": 1, "unet_model": "other"},
     )
-    assert "choose one of meddpm_demo, meddpm_demo_cpu" in events.get(timeout=60).message()
+    assert "choose one of meddpm_demo, meddpm_demo_openvino, meddpm_demo_cpu" in events.get(timeout=60).message()
     client.stop_stream()
 
 

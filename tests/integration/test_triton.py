@@ -302,7 +302,9 @@ def test_an_unloaded_model_is_waited_for_then_reported(own_triton, model, refere
     client = grpcclient.InferenceServerClient(own_triton.url)
     client.unload_model("meddpm_demo_cpu")
     with pytest.raises(
-        ServerError, match="'meddpm_demo' or 'meddpm_demo_cpu' not ready.*meddpm_demo_cpu (UNAVAILABLE|UNLOADING)"
+        ServerError,
+        match="'meddpm_demo' or 'meddpm_demo_openvino' or 'meddpm_demo_cpu' not ready"
+        ".*meddpm_demo_cpu (UNAVAILABLE|UNLOADING)",
     ):
         TritonDenoiser(own_triton.url, model, policy=RetryPolicy(window_s=1))
     client.load_model("meddpm_demo_cpu")

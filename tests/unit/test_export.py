@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -115,9 +117,9 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
     out = capsys.readouterr().out
     assert "PASSED: max relative error" in out and "max abs error" in out
 
-    for entry in ("meddpm_tiny", "meddpm_tiny_cpu"):
+    for entry in ("meddpm_tiny", "meddpm_tiny_openvino", "meddpm_tiny_cpu"):
         config = read_config(repo / entry)
-        assert config.name == entry and config.max_batch_size == 3
+        assert config.name == entry and config.max_batch_size == (1 if entry.endswith("_openvino") else 3)
         graph = onnx.load(str(repo / entry / "1" / "model.onnx")).graph
         graph_inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim][1:] for i in graph.input}
         for tensor in config.input:
@@ -131,8 +133,9 @@ def test_export_command_writes_a_verified_repository(presets, test_presets_file,
     sampler = read_config(repo / "meddpm_tiny_sampler")
     assert (
         sampler.model_transaction_policy.decoupled
-        and sampler.parameters["unet_models"].string_value == "meddpm_tiny,meddpm_tiny_cpu"
+        and sampler.parameters["unet_models"].string_value == "meddpm_tiny:3,meddpm_tiny_openvino:1,meddpm_tiny_cpu:3"
     )
+    check_openvino_backend_would_load(repo / "meddpm_tiny_openvino")
     copied = repo / "meddpm_tiny_sampler" / "1" / "meddpm"  # the app's own loop, and only the sampling core
     assert sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*.py")) == sorted(sampler_files.FILES)
 
@@ -210,7 +213,7 @@ def test_tensorrt_plan_without_tensorrt_says_how(presets, test_presets_file, tmp
     assert code == 2 and "no tensorrt" in err and "trtexec --onnx=" in err and "InstanceNormalization*:fp32" in err
 
 
-@pytest.mark.parametrize("entry", ["meddpm_demo", "meddpm_demo_cpu", "meddpm_demo_sampler"])
+@pytest.mark.parametrize("entry", ["meddpm_demo", "meddpm_demo_openvino", "meddpm_demo_cpu", "meddpm_demo_sampler"])
 def test_committed_configs_are_what_export_writes(demo_repository, entry):
     """Less the export's hashes: the sampler's changes with any edit of meddpm/, the graph's with torch's version."""
     config = read_config(demo_repository / entry)
@@ -269,3 +272,39 @@ def test_tensorrt_accelerator_option():
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
     assert list(config.input[0].dims) == [1, 128, 128, 128]
+
+
+# What Triton's OpenVINO backend (triton-inference-server/openvino_backend, src/openvino.cc) reads from a config's
+# parameters, and the values it accepts; it ignores other keys (such as our onnx_sha256).
+OPENVINO_BACKEND_VALUES = {
+    "PERFORMANCE_HINT": re.compile(r"latency|throughput|cumulative_throughput", re.IGNORECASE),
+    "NUM_STREAMS": re.compile(r"auto|numa|\d+", re.IGNORECASE),
+    "INFERENCE_NUM_THREADS": re.compile(r"\d+"),
+    "COMPILATION_NUM_THREADS": re.compile(r"\d+"),
+    "HINT_BF16": re.compile(r"yes", re.IGNORECASE),
+}
+
+
+def check_openvino_backend_would_load(entry: Path) -> None:
+    """The stock container's OpenVINO backend is not installable here: check its config as that backend does.
+    The file it loads exists; every parameter it reads has a value it accepts; a batch needs no padding (it refuses
+    one below max_batch_size unless it pads); and each input's dims (or its reshape) match the graph as OpenVINO
+    reads it, batch dimension aside (its CompareDimsSupported: equal, or dynamic in the graph)."""
+    import openvino as ov
+
+    config = read_config(entry)
+    assert config.backend == "openvino" and config.max_batch_size == 1
+    assert all(group.kind == group.KIND_CPU for group in config.instance_group)
+    graph_file = entry / "1" / config.default_model_filename
+    assert graph_file.is_file()
+    for key, value in config.parameters.items():
+        if key in OPENVINO_BACKEND_VALUES:
+            assert OPENVINO_BACKEND_VALUES[key].fullmatch(value.string_value), (key, value.string_value)
+    assert "ENABLE_BATCH_PADDING" not in config.parameters
+    graph = ov.Core().read_model(str(graph_file))
+    for tensors, port in ((config.input, graph.input), (config.output, graph.output)):
+        for tensor in tensors:
+            dims = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+            graph_dims = port(tensor.name).get_partial_shape()[1:]  # the batch dimension Triton adds
+            assert len(graph_dims) == len(dims), (tensor.name, dims, graph_dims)
+            assert all(g.is_dynamic or g.get_length() == d for g, d in zip(graph_dims, dims)), (tensor.name, dims)

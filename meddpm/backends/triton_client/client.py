@@ -91,8 +91,10 @@ class TritonDenoiser(Denoiser):
     # --- before the first step -------------------------------------------------------------------------------
 
     def _wait_for_model(self, served_name: str | None) -> str:
-        """The served model to call: the one asked for, else NAME or NAME_cpu, whichever is ready."""
-        candidates = [served_name] if served_name else [self.model.name, self.model.name + Entry.CPU]
+        """The served model to call: the one asked for, else NAME, NAME_openvino or NAME_cpu, whichever is ready
+        first in that order (a GPU, the stock container's OpenVINO on a CPU, the python backend)."""
+        entries = (Entry.UNET, Entry.OPENVINO, Entry.CPU)
+        candidates = [served_name] if served_name else [self.model.name + entry for entry in entries]
         pauses = Backoff(first_s=0.5, max_s=0.5, window_s=self.policy.window_s).pauses()
         last_error, waiting = "no answer", False
         while True:
