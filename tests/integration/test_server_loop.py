@@ -101,6 +101,8 @@ def test_app_with_the_server_loop_equals_in_process(triton, demo_repository, mas
         3,
         "--batch-size",
         2,
+        "--precision",  # as the server computes: `auto` may be the demo's gated mixed precision in process
+        "fp32",
         "-l",
         "DEBUG",
     ]

@@ -101,6 +101,8 @@ def in_process_volumes(served_repository, mask_folder, tmp_path_factory):
         2,
         "--batch-size",
         2,
+        "--precision",  # as the server computes: `auto` may be the demo's gated mixed precision in process
+        "fp32",
     )
     assert result.returncode == 0, result.stderr
     return [nib.load(output / "head" / f"sample_{i}.nii.gz").get_fdata() for i in range(2)]
