@@ -1,7 +1,7 @@
 """The quality gate of reduced precision: may `--precision auto` run a model in BF16 (or mixed) on a CPU?
 
     python -m benchmarks.precision_gate [--repository model_repository] [--masks 16] [--bf16 native|emulated]
-                                        [--per-call-grid 64] [--json FILE]
+                                        [--per-call-grid 64] [--runs ddpm:250 dpmpp2m-sde:20] [--json FILE]
 
 Each reduced-precision configuration (bf16; mixed: fp32 at t >= 0.8 T, bf16 below) synthesises the quality
 benchmark's held-out phantom masks from the same initial noise as FP32, with DDPM-250 and with the fast path
@@ -34,6 +34,7 @@ from benchmarks.bf16_emulation import EmulatedBf16Denoiser
 from benchmarks.full_size import build_model
 from benchmarks.quality import LABELS, held_out_phantoms, paired_difference, stats, synthesise_and_score
 from meddpm.backends.openvino_denoiser import OpenVinoDenoiser, native_bf16
+from meddpm.choices import parse_choice
 from meddpm.model.presets import Precision, Scheduler
 from meddpm.model.served_model import ServedModel, find_model
 from meddpm.sampling.denoiser import Denoiser
@@ -81,11 +82,11 @@ def per_call_errors(model: ServedModel, kinds: list[str], work: Path, seed: int 
     }
 
 
-def gate(model: ServedModel, kind: str, masks: int, seed: int, work: Path) -> dict:
+def gate(model: ServedModel, kind: str, masks: int, seed: int, runs: list[tuple[str, int]], work: Path) -> dict:
     """Every run at FP32 and at each reduced precision from the same noise; the paired Dice differences; verdicts."""
     phantoms = held_out_phantoms(model.preset, masks, seed)
     rows, verdicts = [], {}
-    for scheduler, steps in RUNS:
+    for scheduler, steps in runs:
         scores = {}
         for precision in (Precision.FP32, *REDUCED):
             started = time.monotonic()
@@ -112,6 +113,11 @@ def gate(model: ServedModel, kind: str, masks: int, seed: int, work: Path) -> di
             print(_row(row), flush=True)
     passed = [p for p in REDUCED if verdicts[str(p)]]
     return {"runs": rows, "passed": [str(p) for p in passed], "gated_precision": str(passed[0] if passed else "fp32")}
+
+
+def scheduler_steps(text: str) -> tuple[str, int]:
+    scheduler, _, steps = text.partition(":")
+    return parse_choice(Scheduler, scheduler, "scheduler"), int(steps)
 
 
 def _within(difference: dict) -> bool:
@@ -149,6 +155,9 @@ def main() -> None:
     parser.add_argument(
         "--per-call-grid", type=int, default=64, help="whole-head side for the per-call check (0: none)"
     )
+    parser.add_argument(
+        "--runs", nargs="+", type=scheduler_steps, default=list(RUNS), help="SCHEDULER:STEPS (the gate: the defaults)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     native = native_bf16()
@@ -168,7 +177,7 @@ def main() -> None:
                 shown = ", ".join(f"t={t}: {e:.1e}" for t, e in by_timestep.items())
                 print(f"per call, {graph}, {pair}: max relative error {shown}", flush=True)
         print(HEADER)
-        result |= gate(model, kind, args.masks, args.seed, Path(work))
+        result |= gate(model, kind, args.masks, args.seed, args.runs, Path(work))
     print(
         f"passed (every run, every label within ±{TOLERANCE} Dice at 2 standard errors): "
         f"{', '.join(result['passed']) or 'none'}; --precision auto on a CPU with native BF16: "

@@ -102,6 +102,22 @@ def test_quality_benchmark_scores_fast_schedulers_against_ddpm250(demo_repositor
     assert "Fewest steps within 0.02 of DDPM-250" in out
 
 
+def test_precision_gate_runs_on_the_bf16_emulation_on_any_cpu(demo_repository, tmp_path):
+    """The gate's smoke test on the emulation, which any CPU runs: its per-call error is BF16's (about 5e-3, as
+    native BF16 measured), and each reduced precision is paired with FP32 from the same noise."""
+    run_module(
+        "benchmarks.precision_gate",
+        *("--repository", demo_repository, "--bf16", "emulated", "--masks", 1, "--per-call-grid", 0),
+        *("--runs", "dpmpp2m-sde:3", "--json", tmp_path / "gate.json"),
+    )
+    result = json.loads((tmp_path / "gate.json").read_text())
+    errors = result["per_call"]["meddpm_demo"]["emulated vs fp32"]
+    assert all(1e-3 < error < 2e-2 for error in errors.values()), errors
+    assert [row["precision"] for row in result["runs"]] == ["fp32", "bf16", "mixed"]
+    assert all(row["vs_fp32"]["brain"]["n"] == 2 for row in result["runs"][1:])
+    assert result["gated_precision"] in ("fp32", "bf16", "mixed")
+
+
 def test_step_math_benchmark_times_every_scheduler(tmp_path):
     run_module("benchmarks.step_math", "--grid", 16, "--steps", 3, "--json", tmp_path / "math.json")
     rows = json.loads((tmp_path / "math.json").read_text())["rows"]
