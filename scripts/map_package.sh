@@ -16,8 +16,9 @@ cd "$(dirname "$0")/.."
 MODELS=${1:-model_repository}
 shift || true
 PACKAGER=4.2.0
-if ! build/venv-map/bin/python -c "import importlib.metadata as m; assert m.version('holoscan-cli') == '$PACKAGER'" \
-    2>/dev/null; then
+# Every package the packager needs, so that an install cut short (a killed run) is redone, not trusted.
+if ! build/venv-map/bin/python -c "import importlib.metadata as m; assert m.version('holoscan-cli') == '$PACKAGER'
+assert m.version('holoscan-cu13') == '4.6.0' and m.version('monai-deploy-app-sdk') == '4.0.0'" 2>/dev/null; then
     rm -rf build/venv-map
     python3 -m venv build/venv-map
     # holoscan-cli reads the Holoscan and SDK versions from packages installed beside it (metadata only;
