@@ -22,6 +22,7 @@ the figure native BF16 was first measured at (max relative error 4.7e-3 at 64^3,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -32,7 +33,7 @@ import numpy as np
 from benchmarks.app_runs import cpu_model
 from benchmarks.bf16_emulation import EmulatedBf16Denoiser
 from benchmarks.full_size import build_model
-from benchmarks.quality import LABELS, held_out_phantoms, paired_difference, stats, synthesise_and_score
+from benchmarks.quality import LABELS, Phantom, held_out_phantoms, paired_difference, stats, synthesise_and_score
 from meddpm.backends.openvino_denoiser import OpenVinoDenoiser, native_bf16
 from meddpm.choices import parse_choice
 from meddpm.model.presets import Precision, Scheduler
@@ -86,33 +87,50 @@ def gate(model: ServedModel, kind: str, masks: int, seed: int, runs: list[tuple[
     """Every run at FP32 and at each reduced precision from the same noise; the paired Dice differences; verdicts."""
     phantoms = held_out_phantoms(model.preset, masks, seed)
     rows, verdicts = [], {}
-    for scheduler, steps in runs:
-        scores = {}
-        for precision in (Precision.FP32, *REDUCED):
-            started = time.monotonic()
-            with make_denoiser(model, precision, kind, work) as denoiser:
-                pipeline = SynthesisPipeline(model, DenoiserLoop(denoiser), batch_size=2)
-                scores[precision], diversity = synthesise_and_score(pipeline, phantoms, scheduler, steps, seed)
-            row = {
-                "scheduler": str(scheduler),
-                "steps": steps,
-                "precision": str(precision),
-                "seconds": round(time.monotonic() - started, 1),
-                **{f"dice_{label}": stats(scores[precision][label]) for label in LABELS},
-                "diversity": stats(diversity),
-            }
-            if precision != Precision.FP32:
-                differences = {
-                    label: paired_difference(scores[precision][label], scores[Precision.FP32][label])
-                    for label in LABELS
-                }
-                row["vs_fp32"] = differences
-                row["within_tolerance"] = all(_within(d) for d in differences.values())
-                verdicts[str(precision)] = verdicts.get(str(precision), True) and row["within_tolerance"]
-            rows.append(row)
-            print(_row(row), flush=True)
+    with contextlib.ExitStack() as stack:  # each precision's runtime (and BF16-rounded graph) built once
+        pipelines = {
+            precision: SynthesisPipeline(
+                model, DenoiserLoop(stack.enter_context(make_denoiser(model, precision, kind, work))), batch_size=2
+            )
+            for precision in (Precision.FP32, *REDUCED)
+        }
+        for scheduler, steps in runs:
+            rows += _compare(pipelines, phantoms, scheduler, steps, seed, verdicts)
     passed = [p for p in REDUCED if verdicts[str(p)]]
     return {"runs": rows, "passed": [str(p) for p in passed], "gated_precision": str(passed[0] if passed else "fp32")}
+
+
+def _compare(
+    pipelines: dict[Precision, SynthesisPipeline],
+    phantoms: list[Phantom],
+    scheduler: str,
+    steps: int,
+    seed: int,
+    verdicts: dict[str, bool],
+) -> list[dict]:
+    """One run at every precision; its rows, each reduced precision's verdict folded into `verdicts`."""
+    rows, scores = [], {}
+    for precision, pipeline in pipelines.items():
+        started = time.monotonic()
+        scores[precision], diversity = synthesise_and_score(pipeline, phantoms, scheduler, steps, seed)
+        row = {
+            "scheduler": str(scheduler),
+            "steps": steps,
+            "precision": str(precision),
+            "seconds": round(time.monotonic() - started, 1),
+            **{f"dice_{label}": stats(scores[precision][label]) for label in LABELS},
+            "diversity": stats(diversity),
+        }
+        if precision != Precision.FP32:
+            differences = {
+                label: paired_difference(scores[precision][label], scores[Precision.FP32][label]) for label in LABELS
+            }
+            row["vs_fp32"] = differences
+            row["within_tolerance"] = all(_within(d) for d in differences.values())
+            verdicts[str(precision)] = verdicts.get(str(precision), True) and row["within_tolerance"]
+        rows.append(row)
+        print(_row(row), flush=True)
+    return rows
 
 
 def scheduler_steps(text: str) -> tuple[str, int]:
