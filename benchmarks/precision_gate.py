@@ -33,9 +33,10 @@ import numpy as np
 from benchmarks.app_runs import cpu_model
 from benchmarks.bf16_emulation import EmulatedBf16Denoiser
 from benchmarks.full_size import build_model
-from benchmarks.quality import LABELS, Phantom, held_out_phantoms, paired_difference, stats, synthesise_and_score
+from benchmarks.quality import Head, held_out_heads, paired_difference, stats, synthesise_and_score
 from meddpm.backends.openvino_denoiser import OpenVinoDenoiser, native_bf16
 from meddpm.choices import parse_choice
+from meddpm.imaging.demo_heads import HeadSource, head_source
 from meddpm.model.presets import Precision, Scheduler
 from meddpm.model.served_model import ServedModel, find_model
 from meddpm.sampling.denoiser import Denoiser
@@ -85,7 +86,9 @@ def per_call_errors(model: ServedModel, kinds: list[str], work: Path, seed: int 
 
 def gate(model: ServedModel, kind: str, masks: int, seed: int, runs: list[tuple[str, int]], work: Path) -> dict:
     """Every run at FP32 and at each reduced precision from the same noise; the paired Dice differences; verdicts."""
-    phantoms = held_out_phantoms(model.preset, masks, seed)
+    source = head_source(model.preset.name)
+    held_out = held_out_heads(model.preset, masks, seed)
+    print(_header(list(source.labels)))
     rows, verdicts = [], {}
     with contextlib.ExitStack() as stack:  # each precision's runtime (and BF16-rounded graph) built once
         pipelines = {
@@ -95,14 +98,15 @@ def gate(model: ServedModel, kind: str, masks: int, seed: int, runs: list[tuple[
             for precision in (Precision.FP32, *REDUCED)
         }
         for scheduler, steps in runs:
-            rows += _compare(pipelines, phantoms, scheduler, steps, seed, verdicts)
+            rows += _compare(pipelines, source, held_out, scheduler, steps, seed, verdicts)
     passed = [p for p in REDUCED if verdicts[str(p)]]
     return {"runs": rows, "passed": [str(p) for p in passed], "gated_precision": str(passed[0] if passed else "fp32")}
 
 
 def _compare(
     pipelines: dict[Precision, SynthesisPipeline],
-    phantoms: list[Phantom],
+    source: HeadSource,
+    held_out: list[Head],
     scheduler: str,
     steps: int,
     seed: int,
@@ -112,24 +116,25 @@ def _compare(
     rows, scores = [], {}
     for precision, pipeline in pipelines.items():
         started = time.monotonic()
-        scores[precision], diversity = synthesise_and_score(pipeline, phantoms, scheduler, steps, seed)
+        scores[precision], diversity = synthesise_and_score(pipeline, source, held_out, scheduler, steps, seed)
         row = {
             "scheduler": str(scheduler),
             "steps": steps,
             "precision": str(precision),
             "seconds": round(time.monotonic() - started, 1),
-            **{f"dice_{label}": stats(scores[precision][label]) for label in LABELS},
+            **{f"dice_{label}": stats(scores[precision][label]) for label in source.labels},
             "diversity": stats(diversity),
         }
         if precision != Precision.FP32:
             differences = {
-                label: paired_difference(scores[precision][label], scores[Precision.FP32][label]) for label in LABELS
+                label: paired_difference(scores[precision][label], scores[Precision.FP32][label])
+                for label in source.labels
             }
             row["vs_fp32"] = differences
             row["within_tolerance"] = all(_within(d) for d in differences.values())
             verdicts[str(precision)] = verdicts.get(str(precision), True) and row["within_tolerance"]
         rows.append(row)
-        print(_row(row), flush=True)
+        print(_row(row, list(source.labels)), flush=True)
     return rows
 
 
@@ -145,22 +150,21 @@ def _within(difference: dict) -> bool:
     return abs(difference["mean"]) + 2 * difference["sem"] <= TOLERANCE
 
 
-HEADER = (
-    "| run | precision | Dice brain | Dice tumour | Δ brain vs FP32 | Δ tumour vs FP32 | within ±0.01 | seconds |\n"
-    "|---|---|---|---|---|---|---|---|"
-)
+def _header(labels: list[str]) -> str:
+    columns = ["run", "precision", *(f"Dice {label}" for label in labels), *(f"Δ {label} vs FP32" for label in labels)]
+    columns += [f"within ±{TOLERANCE}", "seconds"]
+    return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
 
 
-def _row(row: dict) -> str:
+def _row(row: dict, labels: list[str]) -> str:
     def paired(label: str) -> str:
         d = row.get("vs_fp32", {}).get(label, {})
         return f"{d['mean']:+.4f} ± {d['sem']:.4f}" if d.get("n", 0) >= 2 else "-"
 
     within = {True: "yes", False: "no"}.get(row.get("within_tolerance"), "-")
-    return (
-        f"| {row['scheduler']} {row['steps']} | {row['precision']} | {row['dice_brain']['mean']:.4f} | "
-        f"{row['dice_tumour']['mean']:.4f} | {paired('brain')} | {paired('tumour')} | {within} | {row['seconds']} |"
-    )
+    cells = [f"{row['scheduler']} {row['steps']}", row["precision"]]
+    cells += [*(f"{row[f'dice_{label}']['mean']:.4f}" for label in labels), *(paired(label) for label in labels)]
+    return "| " + " | ".join([*cells, within, str(row["seconds"])]) + " |"
 
 
 def main() -> None:
@@ -194,7 +198,6 @@ def main() -> None:
             for pair, by_timestep in errors.items():
                 shown = ", ".join(f"t={t}: {e:.1e}" for t, e in by_timestep.items())
                 print(f"per call, {graph}, {pair}: max relative error {shown}", flush=True)
-        print(HEADER)
         result |= gate(model, kind, args.masks, args.seed, args.runs, Path(work))
     print(
         f"passed (every run, every label within ±{TOLERANCE} Dice at 2 standard errors): "

@@ -1,12 +1,13 @@
-"""Mask fidelity and diversity of a phantom-trained model per scheduler and step count: the fast-sampling curve.
+"""Mask fidelity and diversity of a demo model per scheduler and step count: the fast-sampling curve.
 
     python -m benchmarks.quality --repository model_repository --masks 16 --json output/quality.json
 
-Unseen phantom masks are synthesised by DDPM-250 (Med-DDPM's sampler, the reference) and by each fast scheduler
-at each step count of `--steps`; each synthetic image is segmented back by the phantoms' tissue intensity bands and
-compared with its mask (Dice per label, as Med-DDPM's paper does with a segmentation network). The same
-segmentation of the phantoms' own ground-truth images gives the ceiling. Diversity is the mean absolute
-difference between two samples of one mask, inside the head.
+Unseen masks of the heads the model was trained on (meddpm/imaging/demo_heads.py: phantoms for `demo`, the
+MNI152 template for `mni152-demo`) are synthesised by DDPM-250 (Med-DDPM's sampler, the reference) and by each
+fast scheduler at each step count of `--steps`; each synthetic image is segmented back by the heads' intensity
+model and compared with its mask (Dice per label, as Med-DDPM's paper does with a segmentation network). The same
+segmentation of the heads' own ground-truth images gives the ceiling. Diversity is the mean absolute difference
+between two samples of one mask, inside the head.
 
 Every run uses the same masks and seeds, so each sample has a DDPM-250 twin from the same initial noise: the
 difference to DDPM-250 is reported per label as the mean paired difference with its standard error. A
@@ -25,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
+from meddpm.imaging.demo_heads import HeadSource, head_source
 from meddpm.imaging.masks import LabelMask
-from meddpm.imaging.phantom_heads import BRAIN, TUMOUR, dice, make_phantom, segment
+from meddpm.imaging.phantom_heads import dice
 from meddpm.model.presets import Preset, Scheduler
 from meddpm.model.served_model import find_model
 from meddpm.sampling.loop import DenoiserLoop
@@ -35,26 +37,29 @@ from meddpm.synthesis import SynthesisPipeline
 
 REFERENCE = ("ddpm", 250)
 FAST_SCHEDULERS = tuple(name for name in Scheduler if name != Scheduler.DDPM)
-LABELS = {"brain": BRAIN, "tumour": TUMOUR}
 
 
 def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, runs: list[tuple[str, int]]) -> dict:
     model = find_model(repository, model_name)
     pipeline = SynthesisPipeline(model, DenoiserLoop(OnnxRuntimeDenoiser(model.onnx_path)), batch_size=2)
-    phantoms = held_out_phantoms(model.preset, masks, seed)
-    ceiling = per_sample_dice([(phantom.image, phantom.mask.labels) for phantom in phantoms])
+    source = head_source(model.preset.name)
+    held_out = held_out_heads(model.preset, masks, seed)
+    ceiling = per_sample_dice(source, [(head.image, head.mask.labels) for head in held_out])
     results = {
         "model": model.name,
+        "labels": list(source.labels),
         "masks": masks,
         "samples_per_mask": 2,
         "seed": seed,
         "ground_truth_ceiling": {label: stats(values) for label, values in ceiling.items()},
         "runs": [],
     }
+    labels = list(source.labels)
+    print(_header(labels))
     reference = None
     for name, steps in runs:
         started = time.monotonic()
-        scores, diversity = synthesise_and_score(pipeline, phantoms, name, steps, seed)
+        scores, diversity = synthesise_and_score(pipeline, source, held_out, name, steps, seed)
         reference = scores if (name, steps) == REFERENCE else reference
         entry = {
             "scheduler": name,
@@ -64,52 +69,54 @@ def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, ru
             "diversity": stats(diversity),
         }
         if reference is not None:
-            entry["vs_ddpm250"] = {label: paired_difference(scores[label], reference[label]) for label in LABELS}
+            entry["vs_ddpm250"] = {label: paired_difference(scores[label], reference[label]) for label in source.labels}
         results["runs"].append(entry)
-        print(_row(entry), flush=True)
+        print(_row(entry, labels), flush=True)
     return results
 
 
 @dataclasses.dataclass(frozen=True)
-class Phantom:
+class Head:
     mask: LabelMask
-    image: np.ndarray  # the phantom's ground-truth image, on the mask's grid
+    image: np.ndarray  # the head's ground-truth image, on the mask's grid
 
 
-def held_out_phantoms(preset: Preset, count: int, seed: int) -> list[Phantom]:
-    """Phantom heads the demo model never saw in training (its training seeds differ), at the preset's mask grid."""
+def held_out_heads(preset: Preset, count: int, seed: int) -> list[Head]:
+    """Heads the demo model never saw in training (drawn from `default_rng(seed)`; training draws from
+    `[seed, step]`), at the preset's mask grid."""
     rng = np.random.default_rng(seed)
     affine = np.diag([*preset.image.voxel_size_mm, 1.0])
-    phantoms = []
+    make = head_source(preset.name).make
+    heads = []
     for index in range(count):
-        labels, image = make_phantom(rng, preset.image.mask_shape, preset.image.voxel_size_mm[0])
-        phantoms.append(Phantom(LabelMask(f"phantom_{index}", labels, affine, f"phantom {index}"), image))
-    return phantoms
+        labels, image = make(rng, preset.image.mask_shape, preset.image.voxel_size_mm[0])
+        heads.append(Head(LabelMask(f"head_{index}", labels, affine, f"head {index}"), image))
+    return heads
 
 
 def synthesise_and_score(
-    pipeline: SynthesisPipeline, phantoms: list[Phantom], scheduler: str, steps: int, seed: int
+    pipeline: SynthesisPipeline, source: HeadSource, held_out: list[Head], scheduler: str, steps: int, seed: int
 ) -> tuple[dict[str, list[float]], list[float]]:
-    """Two samples of each phantom (the same initial noise for the same seed, whatever runs the UNet): Dice per
-    label and sample, and each phantom's diversity (mean absolute difference of its two samples inside the head)."""
+    """Two samples of each head (the same initial noise for the same seed, whatever runs the UNet): Dice per
+    label and sample, and each head's diversity (mean absolute difference of its two samples inside the head)."""
     pairs, diversity = [], []
-    for index, phantom in enumerate(phantoms):
-        synthesis = pipeline(phantom.mask, SamplingRequest(scheduler, steps, seed * 1000 + 2 * index, samples=2))
+    for index, head in enumerate(held_out):
+        synthesis = pipeline(head.mask, SamplingRequest(scheduler, steps, seed * 1000 + 2 * index, samples=2))
         on_mask_grid = [volume[0] for volume in synthesis.samples]
-        labels = phantom.mask.labels
+        labels = head.mask.labels
         pairs += [(image, labels) for image in on_mask_grid]
         diversity.append(float(np.abs(on_mask_grid[0] - on_mask_grid[1])[labels > 0].mean()))
-    return per_sample_dice(pairs), diversity
+    return per_sample_dice(source, pairs), diversity
 
 
-def per_sample_dice(images_and_masks: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, list[float]]:
+def per_sample_dice(
+    source: HeadSource, images_and_masks: list[tuple[np.ndarray, np.ndarray]]
+) -> dict[str, list[float]]:
     """Dice per label and sample; NaN where the mask lacks the label (tumour-free heads)."""
+    segmented = [(source.segment(image), mask) for image, mask in images_and_masks]
     return {
-        name: [
-            dice(segment(image), mask, label) if (mask == label).any() else float("nan")
-            for image, mask in images_and_masks
-        ]
-        for name, label in LABELS.items()
+        name: [dice(labels, mask, label) if (mask == label).any() else float("nan") for labels, mask in segmented]
+        for name, label in source.labels.items()
     }
 
 
@@ -144,13 +151,13 @@ def paired_difference(values: list[float], reference: list[float]) -> dict:
     }
 
 
-HEADER = (
-    "| scheduler | steps (UNet calls) | Dice brain | Dice tumour | Δ brain vs DDPM-250 | Δ tumour vs DDPM-250 | "
-    "diversity | seconds |\n|---|---|---|---|---|---|---|---|"
-)
+def _header(labels: list[str]) -> str:
+    columns = ["scheduler", "steps (UNet calls)", *(f"Dice {label}" for label in labels)]
+    columns += [*(f"Δ {label} vs DDPM-250" for label in labels), "diversity", "seconds"]
+    return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
 
 
-def _row(entry: dict) -> str:
+def _row(entry: dict, labels: list[str]) -> str:
     def spread(s):
         return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] else "-"
 
@@ -160,11 +167,9 @@ def _row(entry: dict) -> str:
             f"{d['mean']:+.3f} ± {d['sem']:.3f}" if d.get("n", 0) >= 2 and entry["scheduler"] != REFERENCE[0] else "-"
         )
 
-    return (
-        f"| {entry['scheduler']} | {entry['steps']} | {spread(entry['dice_brain'])} | "
-        f"{spread(entry['dice_tumour'])} | {paired('brain')} | {paired('tumour')} | "
-        f"{spread(entry['diversity'])} | {entry['seconds']} |"
-    )
+    cells = [entry["scheduler"], entry["steps"], *(spread(entry[f"dice_{label}"]) for label in labels)]
+    cells += [*(paired(label) for label in labels), spread(entry["diversity"]), entry["seconds"]]
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def main() -> None:
@@ -179,13 +184,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     runs = [REFERENCE, *((name, steps) for name in args.schedulers for steps in args.steps)]
-    print(HEADER)
     results = evaluate(args.repository, args.model_name, args.masks, args.seed, runs)
-    ceiling = results["ground_truth_ceiling"]
-    print(
-        f"| ground-truth phantom images | - | {ceiling['brain']['mean']:.3f} | {ceiling['tumour']['mean']:.3f} | "
-        "- | - | - | - |"
-    )
+    ceiling = [f"{results['ground_truth_ceiling'][label]['mean']:.3f}" for label in results["labels"]]
+    print("| ground-truth images | - | " + " | ".join(ceiling) + " | -" * (len(ceiling) + 2) + " |")
     results["suggested_defaults"] = suggested_defaults(results, args.tolerance)
     print(
         f"Δ: mean paired difference ± standard error. Fewest steps within {args.tolerance} of DDPM-250 on every "

@@ -1,11 +1,19 @@
-"""Train the demo model on procedural head phantoms and save it in Med-DDPM's checkpoint layout.
+"""Train a demo model and save it in Med-DDPM's checkpoint layout; a run can stop and resume.
 
-    python -m training.train_demo --steps 3000 --batch 4 --out models/demo/model_demo.pt
+    python -m training.train_demo --preset mni152-demo --steps 6000 --batch 2 --out models/mni152-demo/model.pt
+    python -m training.train_demo --preset demo --steps 3000 --batch 4 --out models/demo/model_demo.pt
 
-The network is the "demo" preset of meddpm/model/presets.toml (Med-DDPM architecture, 16 channels, 32^3 grid).
-Training is Med-DDPM's objective: epsilon prediction with a uniformly drawn timestep, mean squared error,
-on the preset's cosine schedule; weights are an exponential moving average, as Med-DDPM samples with.
-Fits a 2-core CPU: about 1.3 s a step at batch 4, 65 minutes in all; a GPU is used when present.
+Two demo presets (meddpm/model/presets.toml), each with its own heads (meddpm/imaging/demo_heads.py):
+- `mni152-demo`: 64^3 at 3 mm, heads drawn from the MNI152 template (meddpm/imaging/template_heads.py);
+- `demo`: 32^3 at 6 mm, procedural head phantoms (meddpm/imaging/phantom_heads.py), for the tests.
+
+Training is Med-DDPM's objective: epsilon prediction with a uniformly drawn timestep, mean squared error, on the
+preset's cosine schedule; the saved weights are an exponential moving average, as Med-DDPM samples with. The batch
+of step s is drawn from seed [seed, s], so a resumed run sees what an unbroken one would. Every `--save-every`
+steps the model (`--out`) and the run's state (`--out` + `.state.pt`: weights, average, optimiser, step) are
+written whole; run the same command again to resume (`--until STEP` stops a run there on purpose, e.g. at the
+end of a working session). A GPU is used when present; on a CPU with native BF16 the
+forward and backward passes run under BF16 autocast (about 1.8x faster on 2 cores at 64^3).
 """
 
 from __future__ import annotations
@@ -13,89 +21,151 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from meddpm.backends.openvino_denoiser import native_bf16
+from meddpm.imaging.demo_heads import HEAD_SOURCES, head_source
 from meddpm.imaging.geometry import ModelGrid
-from meddpm.imaging.phantom_heads import make_phantom
 from meddpm.model.checkpoint import load_checkpoint, save_meddpm_checkpoint
-from meddpm.model.presets import get_preset
+from meddpm.model.presets import Preset, get_preset
 from meddpm.model.unet import ConditionalDenoiser, build_unet
 
 log = logging.getLogger("train_demo")
 
 
-def phantom_batch(rng: np.random.Generator, grid: ModelGrid, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, conditions) on the network grid, as the app would feed them."""
-    preset = grid.preset
-    images, conditions = [], []
-    for _ in range(batch):
-        mask, image = make_phantom(rng, preset.image.mask_shape, preset.image.voxel_size_mm[0])
-        if rng.random() < 0.5:  # left-right mirror: heads are near-symmetric
-            mask, image = mask[::-1], image[::-1]
-        images.append(grid.network_axes(image)[None])
-        conditions.append(grid.condition(mask))
-    return torch.from_numpy(np.stack(images).copy()), torch.from_numpy(np.stack(conditions))
+class HeadBatches(torch.utils.data.IterableDataset):
+    """(images, conditions) on the network grid, as the app would feed them; step s's batch from seed [seed, s]."""
+
+    def __init__(self, preset: Preset, batch: int, seed: int, first_step: int, last_step: int) -> None:
+        self.preset, self.batch, self.seed = preset, batch, seed
+        self.steps = range(first_step, last_step + 1)
+        affine = np.diag([*preset.image.voxel_size_mm, 1.0])
+        self.grid = ModelGrid(preset.image.mask_shape, affine, preset)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        make_head = head_source(self.preset.name).make
+        for step in self.steps:
+            rng = np.random.default_rng([self.seed, step])
+            images, conditions = [], []
+            for _ in range(self.batch):
+                mask, image = make_head(rng, self.preset.image.mask_shape, self.preset.image.voxel_size_mm[0])
+                if rng.random() < 0.5:  # left-right mirror: heads are near-symmetric
+                    mask, image = mask[::-1], image[::-1]
+                images.append(self.grid.network_axes(image)[None])
+                conditions.append(self.grid.condition(mask))
+            yield torch.from_numpy(np.stack(images).copy()), torch.from_numpy(np.stack(conditions))
 
 
-def train(steps: int, batch: int, lr: float, seed: int, out: Path, init: Path | None, ema_decay: float) -> None:
-    preset = get_preset("demo")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+def train(args: argparse.Namespace) -> None:
+    preset = get_preset(args.preset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    affine = np.diag([*preset.image.voxel_size_mm, 1.0])
-    grid = ModelGrid(preset.image.mask_shape, affine, preset)
-
-    unet = (load_checkpoint(init, preset).unet if init else build_unet(preset)).to(device)
+    bf16 = device == "cuda" or native_bf16()
+    unet = (load_checkpoint(args.init, preset).unet if args.init else build_unet(preset)).to(device)
+    unet = unet.to(memory_format=torch.channels_last_3d)
     ema = copy.deepcopy(unet).eval()
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    state_path = args.out.with_name(args.out.name + ".state.pt")
+    done = _resume(state_path, args, unet, ema, optimiser, schedule) if state_path.exists() else 0
     model = ConditionalDenoiser(unet)
     noise_schedule = DDPMScheduler(
         num_train_timesteps=preset.schedule.timesteps, beta_schedule=preset.schedule.beta_schedule
     )
-    optimiser = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.05)
-
+    batches = torch.utils.data.DataLoader(
+        HeadBatches(preset, args.batch, args.seed, done + 1, min(args.until or args.steps, args.steps)),
+        batch_size=None,
+        num_workers=1,  # draws the next batch while this one trains
+    )
+    log.info(
+        "%s: steps %d..%d, batch %d, %s, BF16 autocast %s", preset.name, done + 1, args.steps, args.batch, device, bf16
+    )
     started = time.monotonic()
-    for step in range(1, steps + 1):
-        images, conditions = (t.to(device) for t in phantom_batch(rng, grid, batch))
-        noise = torch.randn_like(images)
-        t = torch.randint(0, preset.schedule.timesteps, (batch,), device=device)
-        noisy = noise_schedule.add_noise(images, noise, t.cpu()).to(device)
-        loss = torch.nn.functional.mse_loss(model(noisy, conditions, t.float()), noise)
+    for step, (images, conditions) in enumerate(batches, start=done + 1):
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        noise = torch.randn(images.shape, generator=generator)
+        t = torch.randint(0, preset.schedule.timesteps, (args.batch,), generator=generator)
+        noisy = noise_schedule.add_noise(images, noise, t)
+        noisy, conditions, noise = (
+            x.to(device).contiguous(memory_format=torch.channels_last_3d) for x in (noisy, conditions, noise)
+        )
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            prediction = model(noisy, conditions, t.float().to(device))
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimiser.step()
-        scheduler.step()
+        schedule.step()
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1.0 - ema_decay)
-        if step % 100 == 0 or step == steps:
-            elapsed = time.monotonic() - started
-            log.info("step %d/%d loss %.4f (%.2f s/step)", step, steps, loss.item(), elapsed / step)
-        if step % 1000 == 0 or step == steps:
-            save_meddpm_checkpoint(out, ema.cpu(), preset, step)
-            ema.to(device)
-    log.info("saved %s", out)
+                e.lerp_(p, 1.0 - args.ema_decay)
+        if step % 25 == 0 or step == args.steps:
+            seconds = (time.monotonic() - started) / (step - done)
+            log.info("step %d/%d loss %.4f (%.2f s/step)", step, args.steps, loss.item(), seconds)
+        if step % args.save_every == 0 or step in (args.steps, args.until):
+            save_meddpm_checkpoint(args.out, ema, preset, step)
+            _save_state(state_path, args, step, unet, ema, optimiser, schedule)
+            log.info("saved %s at step %d", args.out, step)
+
+
+def _save_state(path: Path, args: argparse.Namespace, step: int, *parts: object) -> None:
+    """Everything a resumed run needs, written whole (temporary file, then rename)."""
+    unet, ema, optimiser, schedule = parts
+    state = {
+        "step": step,
+        "run": {"preset": args.preset, "steps": args.steps, "batch": args.batch, "seed": args.seed, "lr": args.lr},
+        "unet": unet.state_dict(),
+        "ema": ema.state_dict(),
+        "optimiser": optimiser.state_dict(),
+        "schedule": schedule.state_dict(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, args: argparse.Namespace, *parts: object) -> int:
+    """Load the state of an interrupted run of the same settings; the step it had reached."""
+    unet, ema, optimiser, schedule = parts
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    run = {"preset": args.preset, "steps": args.steps, "batch": args.batch, "seed": args.seed, "lr": args.lr}
+    if state["run"] != run:
+        raise SystemExit(
+            f"{path}: holds a run with settings {state['run']}, not {run}; resume with those settings, or move the "
+            f"state file away to start afresh (--init {args.out} starts a new run from the saved weights)"
+        )
+    unet.load_state_dict(state["unet"])
+    ema.load_state_dict(state["ema"])
+    optimiser.load_state_dict(state["optimiser"])
+    schedule.load_state_dict(state["schedule"])
+    log.info("resuming %s at step %d", path, state["step"])
+    return int(state["step"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--preset", choices=sorted(HEAD_SOURCES), default="mni152-demo")
+    parser.add_argument("--steps", type=int, default=6000, help="length of the run (its learning-rate schedule)")
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("models/demo/model_demo.pt"))
-    parser.add_argument("--init", type=Path, help="continue from this checkpoint's weights (Med-DDPM layout)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--init", type=Path, help="start a new run from this checkpoint's weights (Med-DDPM layout)")
     parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--until", type=int, help="stop after this step (saved); the same command resumes the run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)  # the initial weights
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    train(args.steps, args.batch, args.lr, args.seed, args.out, args.init, args.ema_decay)
+    train(args)
 
 
 if __name__ == "__main__":
