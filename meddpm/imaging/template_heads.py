@@ -54,7 +54,7 @@ class Template:
 
 @functools.cache
 def load_template() -> Template:
-    """The MNI152 2009c T1 as nilearn's wheel ships it."""
+    """The ICBM152 2009a nonlinear symmetric T1 (skull-stripped, 1 mm) as nilearn's wheel ships it."""
     try:
         import nilearn
     except ImportError as error:

@@ -14,7 +14,17 @@ from training.train_demo import train
 
 def run(out, until=None, **changes):
     settings = dict(
-        preset="demo", steps=4, batch=1, lr=1e-3, seed=5, out=out, init=None, ema_decay=0.9, save_every=100, until=until
+        preset="demo",
+        steps=4,
+        batch=1,
+        lr=1e-3,
+        seed=5,
+        out=out,
+        init=None,
+        ema_decay=0.9,
+        save_every=100,
+        until=until,
+        echo=2,
     )
     settings.update(changes)
     torch.manual_seed(settings["seed"])  # the initial weights, as main() draws them
@@ -23,9 +33,9 @@ def run(out, until=None, **changes):
 
 def test_a_run_stopped_and_resumed_ends_where_an_unbroken_run_ends(tmp_path):
     run(tmp_path / "whole.pt")
-    run(tmp_path / "split.pt", until=2)
+    run(tmp_path / "split.pt", until=3)  # mid-echo: step 4 mirrors step 3's heads
     preset = get_preset("demo")
-    assert torch.load(tmp_path / "split.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "split.pt", weights_only=True)["step"] == 3
     halfway = load_checkpoint(tmp_path / "split.pt", preset)
     run(tmp_path / "split.pt")
     whole = load_checkpoint(tmp_path / "whole.pt", preset).unet.state_dict()
