@@ -116,7 +116,7 @@ def _compare(
     rows, scores = [], {}
     for precision, pipeline in pipelines.items():
         started = time.monotonic()
-        scores[precision], diversity = synthesise_and_score(pipeline, source, held_out, scheduler, steps, seed)
+        scores[precision], diversity, _ = synthesise_and_score(pipeline, source, held_out, scheduler, steps, seed)
         row = {
             "scheduler": str(scheduler),
             "steps": steps,

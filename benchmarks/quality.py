@@ -7,7 +7,9 @@ MNI152 template for `mni152-demo`) are synthesised by DDPM-250 (Med-DDPM's sampl
 fast scheduler at each step count of `--steps`; each synthetic image is segmented back by the heads' intensity
 model and compared with its mask (Dice per label, as Med-DDPM's paper does with a segmentation network). The same
 segmentation of the heads' own ground-truth images gives the ceiling. Diversity is the mean absolute difference
-between two samples of one mask, inside the head.
+between two samples of one mask, inside the head; the intensity distance is the Wasserstein-1 distance between the
+intensities inside the head of a synthetic image and of that mask's ground-truth image (model range [-1, 1]): 0 when
+the tissues come out in the proportions and brightness of the training heads, whatever their place.
 
 Every run uses the same masks and seeds, so each sample has a DDPM-250 twin from the same initial noise: the
 difference to DDPM-250 is reported per label as the mean paired difference with its standard error. A
@@ -24,12 +26,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import wasserstein_distance
 
-from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
+from meddpm.backends.openvino_denoiser import OpenVinoDenoiser
 from meddpm.imaging.demo_heads import HeadSource, head_source
 from meddpm.imaging.masks import LabelMask
 from meddpm.imaging.phantom_heads import dice
-from meddpm.model.presets import Preset, Scheduler
+from meddpm.model.presets import Precision, Preset, Scheduler
 from meddpm.model.served_model import find_model
 from meddpm.sampling.loop import DenoiserLoop
 from meddpm.sampling.request import SamplingRequest
@@ -41,7 +44,8 @@ FAST_SCHEDULERS = tuple(name for name in Scheduler if name != Scheduler.DDPM)
 
 def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, runs: list[tuple[str, int]]) -> dict:
     model = find_model(repository, model_name)
-    pipeline = SynthesisPipeline(model, DenoiserLoop(OnnxRuntimeDenoiser(model.onnx_path)), batch_size=2)
+    denoiser = OpenVinoDenoiser(model.onnx_path, Precision.FP32, model.preset.schedule.timesteps)  # the app's, FP32
+    pipeline = SynthesisPipeline(model, DenoiserLoop(denoiser), batch_size=2)
     source = head_source(model.preset.name)
     held_out = held_out_heads(model.preset, masks, seed)
     ceiling = per_sample_dice(source, [(head.image, head.mask.labels) for head in held_out])
@@ -59,7 +63,7 @@ def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, ru
     reference = None
     for name, steps in runs:
         started = time.monotonic()
-        scores, diversity = synthesise_and_score(pipeline, source, held_out, name, steps, seed)
+        scores, diversity, distance = synthesise_and_score(pipeline, source, held_out, name, steps, seed)
         reference = scores if (name, steps) == REFERENCE else reference
         entry = {
             "scheduler": name,
@@ -67,6 +71,7 @@ def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, ru
             "seconds": round(time.monotonic() - started, 1),
             **{f"dice_{label}": stats(values) for label, values in scores.items()},
             "diversity": stats(diversity),
+            "intensity_distance": stats(distance),
         }
         if reference is not None:
             entry["vs_ddpm250"] = {label: paired_difference(scores[label], reference[label]) for label in source.labels}
@@ -96,17 +101,19 @@ def held_out_heads(preset: Preset, count: int, seed: int) -> list[Head]:
 
 def synthesise_and_score(
     pipeline: SynthesisPipeline, source: HeadSource, held_out: list[Head], scheduler: str, steps: int, seed: int
-) -> tuple[dict[str, list[float]], list[float]]:
+) -> tuple[dict[str, list[float]], list[float], list[float]]:
     """Two samples of each head (the same initial noise for the same seed, whatever runs the UNet): Dice per
-    label and sample, and each head's diversity (mean absolute difference of its two samples inside the head)."""
-    pairs, diversity = [], []
+    label and sample, each head's diversity (mean absolute difference of its two samples inside the head), and each
+    sample's intensity distance to the head's ground-truth image."""
+    pairs, diversity, distance = [], [], []
     for index, head in enumerate(held_out):
         synthesis = pipeline(head.mask, SamplingRequest(scheduler, steps, seed * 1000 + 2 * index, samples=2))
         on_mask_grid = [volume[0] for volume in synthesis.samples]
         labels = head.mask.labels
         pairs += [(image, labels) for image in on_mask_grid]
         diversity.append(float(np.abs(on_mask_grid[0] - on_mask_grid[1])[labels > 0].mean()))
-    return per_sample_dice(source, pairs), diversity
+        distance += [float(wasserstein_distance(image[labels > 0], head.image[labels > 0])) for image in on_mask_grid]
+    return per_sample_dice(source, pairs), diversity, distance
 
 
 def per_sample_dice(
@@ -153,7 +160,7 @@ def paired_difference(values: list[float], reference: list[float]) -> dict:
 
 def _header(labels: list[str]) -> str:
     columns = ["scheduler", "steps (UNet calls)", *(f"Dice {label}" for label in labels)]
-    columns += [*(f"Δ {label} vs DDPM-250" for label in labels), "diversity", "seconds"]
+    columns += [*(f"Δ {label} vs DDPM-250" for label in labels), "diversity", "intensity distance", "seconds"]
     return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
 
 
@@ -168,7 +175,8 @@ def _row(entry: dict, labels: list[str]) -> str:
         )
 
     cells = [entry["scheduler"], entry["steps"], *(spread(entry[f"dice_{label}"]) for label in labels)]
-    cells += [*(paired(label) for label in labels), spread(entry["diversity"]), entry["seconds"]]
+    cells += [*(paired(label) for label in labels), spread(entry["diversity"])]
+    cells += [spread(entry["intensity_distance"]), entry["seconds"]]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
@@ -186,7 +194,7 @@ def main() -> None:
     runs = [REFERENCE, *((name, steps) for name in args.schedulers for steps in args.steps)]
     results = evaluate(args.repository, args.model_name, args.masks, args.seed, runs)
     ceiling = [f"{results['ground_truth_ceiling'][label]['mean']:.3f}" for label in results["labels"]]
-    print("| ground-truth images | - | " + " | ".join(ceiling) + " | -" * (len(ceiling) + 2) + " |")
+    print("| ground-truth images | - | " + " | ".join(ceiling) + " | -" * (len(ceiling) + 3) + " |")
     results["suggested_defaults"] = suggested_defaults(results, args.tolerance)
     print(
         f"Δ: mean paired difference ± standard error. Fewest steps within {args.tolerance} of DDPM-250 on every "

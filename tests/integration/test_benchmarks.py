@@ -99,7 +99,8 @@ def test_quality_benchmark_scores_fast_schedulers_against_ddpm250(demo_repositor
     fast = results["runs"][1]
     assert fast["vs_ddpm250"]["brain"]["n"] == 2 and 0.0 <= fast["dice_brain"]["mean"] <= 1.0
     assert results["ground_truth_ceiling"]["brain"]["mean"] > 0.9  # the segmentation reads phantoms back
-    assert "Fewest steps within 0.02 of DDPM-250" in out
+    assert fast["intensity_distance"]["n"] == 2 and 0.0 < fast["intensity_distance"]["mean"] < 1.0
+    assert "| ground-truth images |" in out and "Fewest steps within 0.02 of DDPM-250" in out
 
 
 def test_precision_gate_runs_on_the_bf16_emulation_on_any_cpu(demo_repository, tmp_path):
