@@ -101,7 +101,7 @@ def train(args: argparse.Namespace) -> None:
     log.info(
         "%s: steps %d..%d, batch %d, %s, BF16 autocast %s", preset.name, done + 1, args.steps, args.batch, device, bf16
     )
-    started = time.monotonic()
+    started, losses = time.monotonic(), []
     for step, (images, conditions) in enumerate(batches, start=done + 1):
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         noise = torch.randn(images.shape, generator=generator)
@@ -115,6 +115,7 @@ def train(args: argparse.Namespace) -> None:
         loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimiser.step()
         schedule.step()
@@ -123,7 +124,7 @@ def train(args: argparse.Namespace) -> None:
                 e.lerp_(p, 1.0 - args.ema_decay)
         if step % 25 == 0 or step == args.steps:
             seconds = (time.monotonic() - started) / (step - done)
-            log.info("step %d/%d loss %.4f (%.2f s/step)", step, args.steps, loss.item(), seconds)
+            log.info("step %d/%d mean loss %.4f (%.2f s/step)", step, args.steps, np.mean(losses[-25:]), seconds)
         if step % args.save_every == 0 or step in (args.steps, args.until):
             save_meddpm_checkpoint(args.out, ema, preset, step)
             _save_state(state_path, args, step, unet, ema, optimiser, schedule)
