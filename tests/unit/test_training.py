@@ -25,6 +25,7 @@ def run(out, until=None, **changes):
         save_every=100,
         until=until,
         echo=2,
+        min_snr_gamma=5.0,
     )
     settings.update(changes)
     torch.manual_seed(settings["seed"])  # the initial weights, as main() draws them
