@@ -8,6 +8,7 @@ synthetic image can be segmented back by thresholds and compared with the mask i
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -84,16 +85,24 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return field / (np.abs(field).max() + 1e-8)
 
 
-def write_masks(folder: Path, count: int, seed: int, shape: tuple[int, int, int], voxel_mm: float) -> list[Path]:
-    """Save `count` phantom masks as NIfTI (RAS, voxel_mm) in `folder`."""
+def write_masks(
+    folder: Path,
+    count: int,
+    seed: int,
+    shape: tuple[int, int, int],
+    voxel_mm: float,
+    make: Callable[[np.random.Generator, tuple[int, int, int], float], tuple[np.ndarray, np.ndarray]] = make_phantom,
+    prefix: str = "phantom",
+) -> list[Path]:
+    """Save `count` masks drawn by `make` (default: phantoms) as NIfTI (RAS, voxel_mm) in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
     affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * voxel_mm  # centred on the scanner origin
     paths = []
     for index in range(count):
-        mask, _ = make_phantom(rng, shape, voxel_mm)
-        path = folder / f"phantom_{index:02d}.nii.gz"
+        mask, _ = make(rng, shape, voxel_mm)
+        path = folder / f"{prefix}_{index:02d}.nii.gz"
         nib.save(nib.Nifti1Image(mask, affine), path)
         paths.append(path)
     return paths

@@ -25,6 +25,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from meddpm.errors import ConfigurationError
+from meddpm.imaging import phantom_heads
 
 BACKGROUND, HEAD, TUMOUR = 0, 1, 2
 # Intensities in "T1 units" (the template's 0..255 scale); the model range is -1 + 2 * units / T1_UNITS_AT_ONE.
@@ -128,17 +129,7 @@ def write_masks(folder: Path, count: int, seed: int, shape: tuple[int, int, int]
 
     Drawn from `numpy.random.default_rng(seed)`, a stream that training (which draws from `[seed, step]`) never
     uses: these masks are held out."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
-    affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * voxel_mm  # centred on the scanner origin
-    paths = []
-    for index in range(count):
-        mask, _ = make_template_head(rng, shape, voxel_mm)
-        path = folder / f"mni152_{index:02d}.nii.gz"
-        nib.save(nib.Nifti1Image(mask, affine), path)
-        paths.append(path)
-    return paths
+    return phantom_heads.write_masks(folder, count, seed, shape, voxel_mm, make_template_head, prefix="mni152")
 
 
 def _random_placement(
