@@ -16,7 +16,8 @@ first (from the app's progress lines), the app's peak resident memory beside the
 against (plus the server's for Triton), and the largest difference of its volume to the first mode's, on the mask's
 grid. A run of `--steps` steps stands for the fast path's 20; 20 steps and DDPM-250 are estimated from the per-step
 time, not run.
-`--grid 32` runs the same architecture small (a smoke test; CI runs it).
+`--grid 32` runs the same architecture small (a smoke test; CI runs it). `--export-to DIR` only builds and exports
+the model into DIR/repository and prints that path (scripts/map_check.sh --full-size packages it into the MAP).
 """
 
 from __future__ import annotations
@@ -222,7 +223,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=REPO / "build" / "full-size")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--export-to", type=Path, help="only export the model into this folder's repository/")
     args = parser.parse_args()
+    if args.export_to:
+        args.export_to.mkdir(parents=True, exist_ok=True)
+        model, _ = build_model(args.grid, args.export_to)
+        print(model.folder.parent)
+        return
     result = measure(args.grid, args.steps, args.modes, args.out)
     print_table(result)
     if args.json:

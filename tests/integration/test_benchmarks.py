@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,5 @@ def test_full_size_benchmark_runs_the_whole_head_architecture_through_the_app_sm
         assert 0 < run["first_step_s"] < run["wall_s"] and run["per_step_s"] > 0
         assert run["app_peak_mib"] > 0 and run["estimate_mib"] > 0
     assert runs["triton-server-loop"]["server_peak_mib"] > 0 and "| triton-server-loop |" in out
+    repository = run_module("benchmarks.full_size", "--grid", 32, "--export-to", tmp_path / "map").split()[-1]
+    assert (Path(repository) / "meddpm_full" / "1" / "model.onnx").is_file()  # what map_check.sh --full-size packages

@@ -249,6 +249,7 @@ def test_verifier_rejects_wrong_results(result_folder, tmp_path):
     assert "differs from the reference" in check_output.problems(mask_path, folder, reference=other)[0]
     nib.save(nib.Nifti1Image(-image, nib.load(mask_path).affine), folder / "sample_0.nii.gz")
     assert "brain Dice" in check_output.problems(mask_path, folder)[0]
+    assert check_output.problems(mask_path, folder, trained=False) == []  # an untrained model draws no head
     nib.save(nib.Nifti1Image(image, np.eye(4)), folder / "sample_0.nii.gz")
     assert "grid" in check_output.problems(mask_path, folder)[0]
     (folder / "preview.png").unlink()

@@ -26,6 +26,7 @@ def run(out, until=None, **changes):
         until=until,
         echo=2,
         min_snr_gamma=5.0,
+        input_perturbation=0.1,
     )
     settings.update(changes)
     torch.manual_seed(settings["seed"])  # the initial weights, as main() draws them
