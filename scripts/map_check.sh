@@ -42,8 +42,8 @@ if $FULL_SIZE; then
     MODELS=${MAP_MODELS:-build/map-models-full/repository} MODEL=meddpm_full
     SAMPLER=(dpmpp2m-sde 20) VERIFY=(--random-weights)
     if [[ ! -d $MODELS ]]; then
-        step "export the whole-head architecture (random weights) to $MODELS"
-        .venv/bin/python -m benchmarks.full_size --export-to "$(dirname "$MODELS")" >/dev/null
+        step "export the whole-head architecture (random weights) into $(dirname "$MODELS")/repository"
+        MODELS=$(.venv/bin/python -m benchmarks.full_size --export-to "$(dirname "$MODELS")" | tail -1)
     fi
 else
     MODELS=${MAP_MODELS:-build/map-models} MODEL=meddpm_demo
