@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/python -m export --checkpoint models/demo/model_demo.pt --preset demo --repository model_repository
-.venv/bin/python -m meddpm.imaging.phantom_heads --out demo_input --count 2 --seed 7
+.venv/bin/python -m meddpm.imaging.demo_heads --preset demo --out demo_input --count 2 --seed 7
 .venv/bin/python -m app -i demo_input -o output/demo -m model_repository "$@"

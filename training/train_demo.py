@@ -13,13 +13,13 @@ preset's cosine schedule (optionally weighted by Min-SNR, `--min-snr-gamma 5`, w
 weight of the timesteps below about 60, whose images are nearly clean); the saved weights are an exponential moving
 average, as Med-DDPM samples with. `--input-perturbation 0.1` noises the training images with slightly more noise
 than the target (Ning et al., ICML 2023, as diffusers' training scripts do): a sampler's own intermediate images are
-off the training distribution, and a model trained only on exact ones carries their error forward (exposure bias:
-an early model drew the background at -0.6 instead of -1, though it denoised real images well). The batch of step s is drawn from seed [seed, s], so a resumed run sees what an
-unbroken one would. Every `--save-every` steps the model (`--out`) and the run's state (`--out` + `.state.pt`:
-weights, average, optimiser, step) are written whole; run the same command again to resume (`--until STEP` stops a
-run there on purpose, e.g. at the end of a working session). A GPU is used when present; on a CPU with native BF16
-the forward and backward passes run under BF16 autocast (1.8x faster on 2 cores at 64^3, measured side by side on an
-EPYC with AVX512-BF16, channels-last tensors in both).
+off the training distribution, and a model trained only on exact ones carries their error forward (exposure bias: an
+early model drew the background at -0.6 instead of -1, though it denoised real images well). The batch of step s is
+drawn from seed [seed, s], so a resumed run sees what an unbroken one would. Every `--save-every` steps the model
+(`--out`) and the run's state (`--out` + `.state.pt`: weights, average, optimiser, step) are written whole; run the
+same command again to resume (`--until STEP` stops a run there on purpose, e.g. at the end of a working session). A
+GPU is used when present; on a CPU with native BF16 the forward and backward passes run under BF16 autocast (1.8x
+faster on 2 cores at 64^3, measured side by side on an EPYC with AVX512-BF16, channels-last tensors in both).
 """
 
 from __future__ import annotations

@@ -7,11 +7,6 @@ synthetic image can be segmented back by thresholds and compared with the mask i
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
-from pathlib import Path
-
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -83,42 +78,3 @@ def _tumour(rng: np.random.Generator, grid: np.ndarray, brain: np.ndarray, voxel
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=sigma)
     return field / (np.abs(field).max() + 1e-8)
-
-
-def write_masks(
-    folder: Path,
-    count: int,
-    seed: int,
-    shape: tuple[int, int, int],
-    voxel_mm: float,
-    make: Callable[[np.random.Generator, tuple[int, int, int], float], tuple[np.ndarray, np.ndarray]] = make_phantom,
-    prefix: str = "phantom",
-) -> list[Path]:
-    """Save `count` masks drawn by `make` (default: phantoms) as NIfTI (RAS, voxel_mm) in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
-    affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * voxel_mm  # centred on the scanner origin
-    paths = []
-    for index in range(count):
-        mask, _ = make(rng, shape, voxel_mm)
-        path = folder / f"{prefix}_{index:02d}.nii.gz"
-        nib.save(nib.Nifti1Image(mask, affine), path)
-        paths.append(path)
-    return paths
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Write procedural head phantom masks (labels 0, 1 brain, 2 tumour).")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--count", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=32, help="voxels a side (default 32, the demo grid)")
-    parser.add_argument("--voxel-mm", type=float, default=6.0)
-    args = parser.parse_args()
-    for path in write_masks(args.out, args.count, args.seed, (args.size,) * 3, args.voxel_mm):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

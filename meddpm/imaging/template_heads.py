@@ -13,7 +13,6 @@ segmented back (`segment`) and compared with its mask.
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from meddpm.errors import ConfigurationError
-from meddpm.imaging import phantom_heads
 
 BACKGROUND, HEAD, TUMOUR = 0, 1, 2
 # Intensities in "T1 units" (the template's 0..255 scale); the model range is -1 + 2 * units / T1_UNITS_AT_ONE.
@@ -122,14 +120,6 @@ def _fill_slices(volume: np.ndarray, axis: int) -> np.ndarray:
     """Holes filled in each 2D slice across `axis`."""
     slices = [ndimage.binary_fill_holes(plane) for plane in np.moveaxis(volume, axis, 0)]
     return np.moveaxis(np.stack(slices), 0, axis)
-
-
-def write_masks(folder: Path, count: int, seed: int, shape: tuple[int, int, int], voxel_mm: float) -> list[Path]:
-    """Save `count` template-derived masks as NIfTI (RAS, voxel_mm) in `folder`.
-
-    Drawn from `numpy.random.default_rng(seed)`, a stream that training (which draws from `[seed, step]`) never
-    uses: these masks are held out."""
-    return phantom_heads.write_masks(folder, count, seed, shape, voxel_mm, make_template_head, prefix="mni152")
 
 
 def _random_placement(
@@ -267,19 +257,3 @@ def _mask_down(mask: np.ndarray) -> np.ndarray:
     coarse = np.where(head, HEAD, BACKGROUND).astype(np.uint8)
     coarse[tumour] = TUMOUR
     return coarse
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Write template-derived head masks (labels 0, 1 head, 2 tumour).")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--count", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64, help="voxels a side (default 64, the mni152-demo grid)")
-    parser.add_argument("--voxel-mm", type=float, default=3.0)
-    args = parser.parse_args()
-    for path in write_masks(args.out, args.count, args.seed, (args.size,) * 3, args.voxel_mm):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,8 +10,9 @@ import pytest
 
 from meddpm.errors import ConfigurationError
 from meddpm.imaging import template_heads
+from meddpm.imaging.demo_heads import head_source, write_masks
 from meddpm.imaging.phantom_heads import dice
-from meddpm.imaging.template_heads import HEAD, TUMOUR, make_template_head, segment, write_masks
+from meddpm.imaging.template_heads import HEAD, TUMOUR, make_template_head, segment
 
 SHAPE, VOXEL_MM = (32, 32, 32), 6.0  # a coarse grid keeps these tests quick
 MODEL_SHAPE, MODEL_VOXEL_MM = (64, 64, 64), 3.0  # the mni152-demo model's grid
@@ -46,7 +47,7 @@ def test_mask_and_image_agree_and_the_tumour_lies_in_the_head():
 
 
 def test_written_masks_are_held_out_from_training_draws(tmp_path):
-    paths = write_masks(tmp_path, 2, seed=0, shape=SHAPE, voxel_mm=VOXEL_MM)
+    paths = write_masks(head_source("mni152-demo"), tmp_path, 2, seed=0, shape=SHAPE, voxel_mm=VOXEL_MM)
     training = make_template_head(np.random.default_rng([0, 1]), SHAPE, VOXEL_MM)[0]  # training's step 1, seed 0
     for path in paths:
         image = nib.load(path)
