@@ -120,7 +120,7 @@ def per_sample_dice(
     source: HeadSource, images_and_masks: list[tuple[np.ndarray, np.ndarray]]
 ) -> dict[str, list[float]]:
     """Dice per label and sample; NaN where the mask lacks the label (tumour-free heads)."""
-    segmented = [(source.segment(image), mask) for image, mask in images_and_masks]
+    segmented = [(source.segment(image, mask), mask) for image, mask in images_and_masks]
     return {
         name: [dice(labels, mask, label) if (mask == label).any() else float("nan") for labels, mask in segmented]
         for name, label in source.labels.items()

@@ -53,8 +53,12 @@ class HeadBatches(torch.utils.data.IterableDataset):
     With `echo` e > 1, e consecutive steps share one draw of heads (data echoing: the heads cost about as much CPU
     as the step at 64^3), each echo mirrored left-right from the one before; noise and timesteps still differ."""
 
-    def __init__(self, preset: Preset, batch: int, seed: int, echo: int, first_step: int, last_step: int) -> None:
+    def __init__(
+        self, preset: Preset, batch: int, seed: int, echo: int, whole_head_share: float, steps: tuple[int, int]
+    ) -> None:
         self.preset, self.batch, self.seed, self.echo = preset, batch, seed, echo
+        self.whole_head_share = whole_head_share
+        first_step, last_step = steps
         self.steps = range(first_step, last_step + 1)
         affine = np.diag([*preset.image.voxel_size_mm, 1.0])
         self.grid = ModelGrid(preset.image.mask_shape, affine, preset)
@@ -72,11 +76,13 @@ class HeadBatches(torch.utils.data.IterableDataset):
             yield torch.from_numpy(images.copy()), torch.from_numpy(conditions)
 
     def _draw(self, step: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        make_head = head_source(self.preset.name).make
+        source = head_source(self.preset.name)
         rng = np.random.default_rng([self.seed, step])
         pairs = []
         for _ in range(self.batch):
-            mask, image = make_head(rng, self.preset.image.mask_shape, self.preset.image.voxel_size_mm[0])
+            mask, image = source.make(rng, self.preset.image.mask_shape, self.preset.image.voxel_size_mm[0])
+            if self.whole_head_share and source.whole_head and rng.random() < self.whole_head_share:
+                mask = source.whole_head(mask)
             if rng.random() < 0.5:  # left-right mirror: heads are near-symmetric
                 mask, image = mask[::-1], image[::-1]
             pairs.append((mask, image))
@@ -99,7 +105,14 @@ def train(args: argparse.Namespace) -> None:
         num_train_timesteps=preset.schedule.timesteps, beta_schedule=preset.schedule.beta_schedule
     )
     batches = torch.utils.data.DataLoader(
-        HeadBatches(preset, args.batch, args.seed, args.echo, done + 1, min(args.until or args.steps, args.steps)),
+        HeadBatches(
+            preset,
+            args.batch,
+            args.seed,
+            args.echo,
+            args.whole_head_share,
+            (done + 1, min(args.until or args.steps, args.steps)),
+        ),
         batch_size=None,
         num_workers=1,  # draws the next batch while this one trains
     )
@@ -159,7 +172,17 @@ def _save_state(path: Path, args: argparse.Namespace, step: int, *parts: object)
 
 def _run_settings(args: argparse.Namespace) -> dict:
     """What a resumed run must share with the run it resumes."""
-    names = ("preset", "steps", "batch", "seed", "lr", "echo", "min_snr_gamma", "input_perturbation")
+    names = (
+        "preset",
+        "steps",
+        "batch",
+        "seed",
+        "lr",
+        "echo",
+        "min_snr_gamma",
+        "input_perturbation",
+        "whole_head_share",
+    )
     return {name: getattr(args, name) for name in names}
 
 
@@ -197,6 +220,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--input-perturbation", type=float, default=0.0, help="extra noise in the model's input, not its target"
+    )
+    parser.add_argument(
+        "--whole-head-share",
+        type=float,
+        default=0.0,
+        help="share of masks shown in Med-DDPM's whole-head convention, where the heads have finer labels",
     )
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--until", type=int, help="stop after this step (saved); the same command resumes the run")

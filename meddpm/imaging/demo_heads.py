@@ -25,27 +25,36 @@ HeadMaker = Callable[[np.random.Generator, tuple[int, int, int], float], tuple[n
 
 @dataclass(frozen=True)
 class HeadSource:
-    """Random (mask, image) pairs on a preset's grid, the segmentation that reads labels back from an image, the
-    names of the labels it scores, and how its mask files are named."""
+    """Random (mask, image) pairs on a preset's grid, the segmentation that reads labels back from an image drawn for
+    a mask, the names of the labels it scores, how its mask files are named, and, where its masks are finer than
+    Med-DDPM's whole-head convention, the map to it (training shows the model some masks so, to take Med-DDPM's)."""
 
     make: HeadMaker
-    segment: Callable[[np.ndarray], np.ndarray]
+    segment: Callable[[np.ndarray, np.ndarray], np.ndarray]
     labels: dict[str, int]
     file_prefix: str
+    whole_head: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 HEAD_SOURCES = {
     "demo": HeadSource(
         phantom_heads.make_phantom,
-        phantom_heads.segment,
+        lambda image, mask: phantom_heads.segment(image),
         {"brain": phantom_heads.BRAIN, "tumour": phantom_heads.TUMOUR},
         "phantom",
     ),
     "mni152-demo": HeadSource(
         template_heads.make_template_head,
         template_heads.segment,
-        {"head": template_heads.HEAD, "tumour": template_heads.TUMOUR},
+        {
+            "head": template_heads.HEAD,
+            "tumour": template_heads.TUMOUR,
+            "fluid": template_heads.CEREBROSPINAL_FLUID,
+            "grey matter": template_heads.GREY_MATTER,
+            "white matter": template_heads.WHITE_MATTER,
+        },
         "mni152",
+        template_heads.whole_head,
     ),
 }
 

@@ -4,11 +4,14 @@ The template (T1 at 1 mm, skull-stripped) comes inside nilearn's wheel (`nilearn
 downloaded. Each head is the template under a random affine and a smooth deformation, with intensity and bias-field
 variation, a tumour (an enhancing rim around a necrotic core, oedema around it, the tissue it displaces pushed
 outward: mass effect), and a procedural CSF, skull and scalp shell with a neck, so that the label mask follows
-Med-DDPM's whole-head convention.
+Med-DDPM's whole-head convention, refined inside the brain by the template's tissue maps.
 
-Arrays are (X, Y, Z) in RAS orientation. Labels: 0 background, 1 head, 2 tumour. Intensities are in the model range
-[-1, 1]; the tumour rim is the brightest tissue and the background the darkest, so a synthetic image can be
-segmented back (`segment`) and compared with its mask.
+Arrays are (X, Y, Z) in RAS orientation. Labels: 0 background, 1 head (outside the brain: fluid around it, skull,
+scalp, neck), 2 tumour, 3 cerebrospinal fluid, 4 grey matter, 5 white matter (the template's grey- and white-matter
+probability maps, deformed with it). `whole_head` merges 3-5 into 1: Med-DDPM's convention (its sample mask).
+Intensities are in the model range [-1, 1]; the tumour rim is the brightest tissue, the background the darkest, and
+fluid, grey and white matter lie in T1 bands, so a synthetic image can be segmented back (`segment`) and compared
+with its mask.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from scipy.spatial.transform import Rotation
 
 from meddpm.errors import ConfigurationError
 
-BACKGROUND, HEAD, TUMOUR = 0, 1, 2
+BACKGROUND, HEAD, TUMOUR, CEREBROSPINAL_FLUID, GREY_MATTER, WHITE_MATTER = range(6)
+TISSUES = (CEREBROSPINAL_FLUID, GREY_MATTER, WHITE_MATTER)
 # Intensities in "T1 units" (the template's 0..255 scale); the model range is -1 + 2 * units / T1_UNITS_AT_ONE.
 T1_UNITS_AT_ONE = 320.0
 CSF, SKULL, MARROW, SCALP_FAT, SKIN, NECK = 35.0, 15.0, 90.0, 215.0, 140.0, 110.0
@@ -34,6 +38,8 @@ OEDEMA_FACTOR = 0.85
 # Segmenting back: the head is brighter than the background, the rim brighter than any other tissue.
 HEAD_MIN = -0.85
 RIM_MIN = 0.75  # 280 units: above white matter (at most about 260 after intensity variation)
+# Tissue bands inside the brain, midway between the template's medians (fluid 102, grey 169, white 215 units).
+FLUID_MAX, GREY_MAX = -0.2, 0.21  # 128 and 194 units
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -44,9 +50,11 @@ TEMPLATE_FILES = {
 
 @dataclass(frozen=True)
 class Template:
-    """The packaged MNI152 T1 (0..255) and its world-to-voxel mapping."""
+    """The packaged MNI152 T1 (0..255), its grey- and white-matter probabilities (0..1) and world-to-voxel mapping."""
 
     t1: np.ndarray  # float32 (X, Y, Z), 0 outside the brain
+    grey: np.ndarray  # float32, on t1's grid
+    white: np.ndarray
     world_to_voxel: np.ndarray  # 4x4
     brain_centre_mm: np.ndarray  # (3,) world coordinates of the brain's bounding-box centre
 
@@ -61,12 +69,15 @@ def load_template() -> Template:
             "the MNI152 template comes from nilearn's package data; install it with `pip install nilearn` "
             "(scripts/setup.sh does)"
         ) from error
-    path = Path(nilearn.__file__).parent / "datasets" / "data" / TEMPLATE_FILES["t1"]
-    image = nib.Nifti1Image.from_filename(path)
-    t1 = np.asarray(image.dataobj, dtype=np.float32)
+    folder = Path(nilearn.__file__).parent / "datasets" / "data"
+    images = {name: nib.Nifti1Image.from_filename(folder / file) for name, file in TEMPLATE_FILES.items()}
+    t1, grey, white = (np.asarray(images[name].dataobj, dtype=np.float32) for name in ("t1", "grey", "white"))
     voxels = np.argwhere(t1 > 0)
     centre_voxel = (voxels.min(0) + voxels.max(0)) / 2
-    return Template(t1, np.linalg.inv(image.affine), nib.affines.apply_affine(image.affine, centre_voxel))
+    affine = images["t1"].affine
+    return Template(
+        t1, grey / 255.0, white / 255.0, np.linalg.inv(affine), nib.affines.apply_affine(affine, centre_voxel)
+    )
 
 
 def make_template_head(
@@ -82,13 +93,16 @@ def make_template_head(
         np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * fine_mm for n in fine_shape], indexing="ij"), axis=-1
     )  # (X, Y, Z, 3) millimetres from the grid centre
     to_template = _random_placement(rng, fine_shape, fine_mm)
-    brain = _sample(to_template(points), order=1) > 0.5 * CSF
+    template = load_template()
+    brain = _sample(template.t1, to_template(points)) > 0.5 * CSF
 
     tumour_at = _random_tumour(rng, points, brain, fine_mm) if rng.random() < tumour_probability else None
     if tumour_at is not None:
         points = _displaced(points, *tumour_at, strength=rng.uniform(0.3, 0.9))
-    t1 = _sample(to_template(points), order=1)
+    voxels = to_template(points)
+    t1, grey, white = (_sample(volume, voxels) for volume in (template.t1, template.grey, template.white))
     brain = t1 > 0.5 * CSF
+    tissue = np.where(grey + white < 0.5, CEREBROSPINAL_FLUID, np.where(white >= grey, WHITE_MATTER, GREY_MATTER))
     t1 = _vary_intensity(rng, t1, fine_mm)
     tumour = np.zeros(fine_shape, dtype=bool)
     if tumour_at is not None:
@@ -96,7 +110,7 @@ def make_template_head(
         t1 = _draw_tumour(rng, t1, brain, tumour, tumour_at[1], fine_mm)
     head, shell = _head_shell(rng, brain, fine_mm)
     t1 = np.where(brain, t1, shell)
-    mask = np.where(head, HEAD, BACKGROUND).astype(np.uint8)
+    mask = np.where(brain, tissue, np.where(head, HEAD, BACKGROUND)).astype(np.uint8)
     mask[tumour] = TUMOUR
 
     t1 += rng.normal(0.0, 3.0, fine_shape) * head
@@ -104,16 +118,26 @@ def make_template_head(
     return _mask_down(mask), _average_down(image).astype(np.float32)
 
 
-def segment(image: np.ndarray) -> np.ndarray:
-    """Labels of a template-like image: the head by intensity (holes filled in axial slices, since the neck runs out
-    of the grid), the tumour as the enhancing rim with what it encloses in any slice."""
+def segment(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Labels of a template-like image drawn for `mask`: the head by intensity (holes filled in axial slices, since
+    the neck runs out of the grid), the tumour as the enhancing rim with what it encloses in any slice, and within the
+    mask's brain, fluid, grey and white matter by their T1 bands (the brain's outline is not in the intensities)."""
     labels = np.zeros(image.shape, dtype=np.uint8)
     head = _fill_slices(ndimage.binary_closing(image > HEAD_MIN, iterations=1), axis=2)
     labels[head] = HEAD
+    brain = head & np.isin(mask, TISSUES)
+    labels[brain] = np.where(
+        image[brain] <= FLUID_MAX, CEREBROSPINAL_FLUID, np.where(image[brain] <= GREY_MAX, GREY_MATTER, WHITE_MATTER)
+    )
     rim = ndimage.binary_closing(image > RIM_MIN, iterations=1)
     tumour = rim | _fill_slices(rim, 0) | _fill_slices(rim, 1) | _fill_slices(rim, 2)
     labels[tumour & head] = TUMOUR
     return labels
+
+
+def whole_head(mask: np.ndarray) -> np.ndarray:
+    """The mask in Med-DDPM's whole-head convention: the brain's tissues merged into the head."""
+    return np.where(np.isin(mask, TISSUES), HEAD, mask).astype(mask.dtype)
 
 
 def _fill_slices(volume: np.ndarray, axis: int) -> np.ndarray:
@@ -142,9 +166,10 @@ def _random_placement(
     return to_template
 
 
-def _sample(voxels: np.ndarray, order: int) -> np.ndarray:
+def _sample(volume: np.ndarray, voxels: np.ndarray) -> np.ndarray:
+    """`volume` at template voxel coordinates (..., 3), trilinear, 0 outside."""
     coordinates = np.moveaxis(voxels, -1, 0)
-    return ndimage.map_coordinates(load_template().t1, coordinates, order=order, cval=0.0).astype(np.float32)
+    return ndimage.map_coordinates(volume, coordinates, order=1, cval=0.0).astype(np.float32)
 
 
 def _random_tumour(
@@ -251,9 +276,12 @@ def _average_down(volume: np.ndarray) -> np.ndarray:
 
 
 def _mask_down(mask: np.ndarray) -> np.ndarray:
-    """Each coarse voxel takes the tumour when half its fine voxels are tumour, else the head when half are head."""
+    """Each coarse voxel takes the tumour when half its fine voxels are tumour, else, when half are head, the most
+    frequent of the head's other labels among them; else the background."""
     tumour = _average_down((mask == TUMOUR).astype(np.float32)) >= 0.5
     head = _average_down((mask != BACKGROUND).astype(np.float32)) >= 0.5
-    coarse = np.where(head, HEAD, BACKGROUND).astype(np.uint8)
+    inside = (HEAD, *TISSUES)
+    shares = np.stack([_average_down((mask == label).astype(np.float32)) for label in inside])
+    coarse = np.where(head, np.asarray(inside, dtype=np.uint8)[shares.argmax(0)], BACKGROUND).astype(np.uint8)
     coarse[tumour] = TUMOUR
     return coarse

@@ -27,6 +27,7 @@ def run(out, until=None, **changes):
         echo=2,
         min_snr_gamma=5.0,
         input_perturbation=0.1,
+        whole_head_share=0.2,
     )
     settings.update(changes)
     torch.manual_seed(settings["seed"])  # the initial weights, as main() draws them
