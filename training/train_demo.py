@@ -40,11 +40,12 @@ from diffusers.training_utils import compute_snr
 from meddpm.backends.openvino_denoiser import native_bf16
 from meddpm.imaging.demo_heads import HEAD_SOURCES, head_source
 from meddpm.imaging.geometry import ModelGrid
-from meddpm.model.checkpoint import load_checkpoint, save_meddpm_checkpoint
-from meddpm.model.presets import Preset, get_preset
+from meddpm.model.checkpoint import UNET_PREFIX, load_checkpoint, save_meddpm_checkpoint
+from meddpm.model.presets import ConditionScale, Preset, get_preset
 from meddpm.model.unet import ConditionalDenoiser, build_unet
 
 log = logging.getLogger("train_demo")
+INPUT_CONV = "input_blocks.0.0"  # the UNet's first convolution: image and condition channels in
 
 
 class HeadBatches(torch.utils.data.IterableDataset):
@@ -93,7 +94,7 @@ def train(args: argparse.Namespace) -> None:
     preset = get_preset(args.preset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = device == "cuda" or native_bf16()
-    unet = (load_checkpoint(args.init, preset).unet if args.init else build_unet(preset)).to(device)
+    unet = (_initial_unet(args.init, preset) if args.init else build_unet(preset)).to(device)
     unet = unet.to(memory_format=torch.channels_last_3d)
     ema = copy.deepcopy(unet).eval()
     optimiser = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
@@ -152,6 +153,38 @@ def train(args: argparse.Namespace) -> None:
             save_meddpm_checkpoint(args.out, ema, preset, step)
             _save_state(state_path, args, step, unet, ema, optimiser, schedule)
             log.info("saved %s at step %d", args.out, step)
+
+
+def _initial_unet(path: Path, preset: Preset) -> torch.nn.Module:
+    """The weights of checkpoint `path` (Med-DDPM's `ema` layout). A checkpoint from before the preset's masks gained
+    finer labels (fewer condition channels: a model of Med-DDPM's whole-head convention) serves too: each finer
+    label's input channel starts as a copy of the one of the label it refines (`HeadSource.whole_head`), and the
+    bias takes up the -1/+1 coding's offset, so that on the finer masks the run starts where the old model was."""
+    tensors = torch.load(path, map_location="cpu", weights_only=True)["ema"]
+    weight_name = f"{UNET_PREFIX}{INPUT_CONV}.weight"
+    image_channels, labels = preset.out_channels, list(preset.condition.labels)
+    old_labels = labels[: tensors[weight_name].shape[1] - image_channels]
+    if len(old_labels) == len(labels):
+        return load_checkpoint(path, preset).unet
+    refines = head_source(preset.name).whole_head
+    coarse = [int(label) for label in refines(np.asarray(labels))] if refines else []
+    if not coarse or not set(coarse) <= set(old_labels) or preset.condition.scale != ConditionScale.SYMMETRIC:
+        raise SystemExit(
+            f"{path}: its condition has {len(old_labels)} labels and preset {preset.name} has {len(labels)}, which "
+            f"do not refine them; start from a checkpoint of this preset, or without --init"
+        )
+    weight, bias = tensors[weight_name], tensors[f"{UNET_PREFIX}{INPUT_CONV}.bias"]
+    channel = {label: weight[:, image_channels + old_labels.index(label)] for label in old_labels}
+    tensors[weight_name] = torch.cat([weight[:, :image_channels], *(channel[c][:, None] for c in coarse)], dim=1)
+    # An old channel read 2 * (sum of its labels' one-hots) - 1; the refined channels' sum reads that minus
+    # (labels it became - 1).
+    tensors[f"{UNET_PREFIX}{INPUT_CONV}.bias"] = bias + sum(
+        (coarse.count(c) - 1) * channel[c].sum(dim=(1, 2, 3)) for c in set(coarse)
+    )
+    unet = build_unet(preset)
+    unet.load_state_dict({k.removeprefix(UNET_PREFIX): v for k, v in tensors.items() if k.startswith(UNET_PREFIX)})
+    log.info("%s: condition labels %s refined to %s", path, old_labels, labels)
+    return unet
 
 
 def _save_state(path: Path, args: argparse.Namespace, step: int, *parts: object) -> None:
