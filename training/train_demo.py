@@ -95,13 +95,14 @@ def train(args: argparse.Namespace) -> None:
     preset = get_preset(args.preset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = device == "cuda" or native_bf16()
-    unet = (_initial_unet(args.init, preset) if args.init else build_unet(preset)).to(device)
+    state_path = args.out.with_name(args.out.name + ".state.pt")
+    resuming = state_path.exists()  # the state holds the weights: --init is read only by a new run
+    unet = (_initial_unet(args.init, preset) if args.init and not resuming else build_unet(preset)).to(device)
     unet = unet.to(memory_format=torch.channels_last_3d)
     ema = copy.deepcopy(unet).eval()
     optimiser = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
-    state_path = args.out.with_name(args.out.name + ".state.pt")
-    done = _resume(state_path, args, unet, ema, optimiser, schedule) if state_path.exists() else 0
+    done = _resume(state_path, args, unet, ema, optimiser, schedule) if resuming else 0
     model = ConditionalDenoiser(unet)
     noise_schedule = DDPMScheduler(
         num_train_timesteps=preset.schedule.timesteps, beta_schedule=preset.schedule.beta_schedule
@@ -126,8 +127,10 @@ def train(args: argparse.Namespace) -> None:
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         noise = torch.randn(images.shape, generator=generator)
         t = torch.randint(0, preset.schedule.timesteps, (args.batch,), generator=generator)
-        perturbed = noise + args.input_perturbation * torch.randn(images.shape, generator=generator)
-        noisy = noise_schedule.add_noise(images, perturbed, t)
+        input_noise = noise  # what the input is noised with; the target stays `noise`
+        if args.input_perturbation:
+            input_noise = noise + args.input_perturbation * torch.randn(images.shape, generator=generator)
+        noisy = noise_schedule.add_noise(images, input_noise, t)
         noisy, conditions, noise = (
             x.to(device).contiguous(memory_format=torch.channels_last_3d) for x in (noisy, conditions, noise)
         )
