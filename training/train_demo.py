@@ -41,7 +41,7 @@ from diffusers.training_utils import compute_snr
 from meddpm.backends.openvino_denoiser import native_bf16
 from meddpm.imaging.demo_heads import HEAD_SOURCES, head_source
 from meddpm.imaging.geometry import ModelGrid
-from meddpm.model.checkpoint import UNET_PREFIX, load_checkpoint, save_meddpm_checkpoint
+from meddpm.model.checkpoint import load_checkpoint, read_unet_tensors, save_meddpm_checkpoint
 from meddpm.model.presets import ConditionScale, Preset, get_preset
 from meddpm.model.unet import ConditionalDenoiser, build_unet
 
@@ -164,8 +164,8 @@ def _initial_unet(path: Path, preset: Preset) -> torch.nn.Module:
     finer labels (fewer condition channels: a model of Med-DDPM's whole-head convention) serves too: each finer
     label's input channel starts as a copy of the one of the label it refines (`HeadSource.whole_head`), and the
     bias takes up the -1/+1 coding's offset, so that on the finer masks the run starts where the old model was."""
-    tensors = torch.load(path, map_location="cpu", weights_only=True)["ema"]
-    weight_name = f"{UNET_PREFIX}{INPUT_CONV}.weight"
+    tensors = read_unet_tensors(path)
+    weight_name = f"{INPUT_CONV}.weight"
     image_channels, labels = preset.out_channels, list(preset.condition.labels)
     old_labels = labels[: tensors[weight_name].shape[1] - image_channels]
     if len(old_labels) == len(labels):
@@ -177,16 +177,16 @@ def _initial_unet(path: Path, preset: Preset) -> torch.nn.Module:
             f"{path}: its condition has {len(old_labels)} labels and preset {preset.name} has {len(labels)}, which "
             f"do not refine them; start from a checkpoint of this preset, or without --init"
         )
-    weight, bias = tensors[weight_name], tensors[f"{UNET_PREFIX}{INPUT_CONV}.bias"]
+    weight, bias = tensors[weight_name], tensors[f"{INPUT_CONV}.bias"]
     channel = {label: weight[:, image_channels + old_labels.index(label)] for label in old_labels}
     tensors[weight_name] = torch.cat([weight[:, :image_channels], *(channel[c][:, None] for c in coarse)], dim=1)
     # An old channel read 2 * (sum of its labels' one-hots) - 1; the refined channels' sum reads that minus
     # (labels it became - 1).
-    tensors[f"{UNET_PREFIX}{INPUT_CONV}.bias"] = bias + sum(
+    tensors[f"{INPUT_CONV}.bias"] = bias + sum(
         (coarse.count(c) - 1) * channel[c].sum(dim=(1, 2, 3)) for c in set(coarse)
     )
     unet = build_unet(preset)
-    unet.load_state_dict({k.removeprefix(UNET_PREFIX): v for k, v in tensors.items() if k.startswith(UNET_PREFIX)})
+    unet.load_state_dict(tensors)
     log.info("%s: condition labels %s refined to %s", path, old_labels, labels)
     return unet
 

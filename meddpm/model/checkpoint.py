@@ -42,8 +42,7 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a Med-DDPM checkpoint into a UNet built from `preset`, checking names, shapes and schedule."""
     path = Path(path)
-    raw = _read(path)
-    layout, tensors = _unet_tensors(path, raw)
+    layout, tensors = _unet_tensors(path, _read(path))
     unet_state = {k: v for k, v in tensors.items() if k not in BUFFER_NAMES}
     schedule = {k: v for k, v in tensors.items() if k in BUFFER_NAMES}
     if schedule_file is not None:
@@ -59,6 +58,16 @@ def load_checkpoint(
     unet.eval()
     _check_schedule(path, preset, schedule)
     return LoadedCheckpoint(unet, layout, sha256_of(path), bool(schedule))
+
+
+def read_unet_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The UNet's tensors of a checkpoint in any of Med-DDPM's layouts, without the wrapper's prefix, refused if
+    unreadable or not finite; for code that adapts them before building a UNet (training's `--init`)."""
+    path = Path(path)
+    tensors = _unet_tensors(path, _read(path))[1]
+    unet_state = {k: v for k, v in tensors.items() if k not in BUFFER_NAMES}
+    _check_finite(path, unet_state)
+    return unet_state
 
 
 def save_meddpm_checkpoint(path: str | os.PathLike, unet: MedDDPMUNet, preset: Preset, step: int) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from meddpm.errors import CheckpointError
 from meddpm.imaging.geometry import condition_channels
 from meddpm.imaging.template_heads import TISSUES, make_template_head, whole_head
 from meddpm.model.checkpoint import load_checkpoint, save_meddpm_checkpoint
@@ -81,3 +82,8 @@ def test_a_whole_head_checkpoint_starts_a_run_on_finer_labels_where_it_was(tmp_p
     assert torch.allclose(reads_fine[inside], reads_coarse[inside], atol=1e-4)
     with pytest.raises(SystemExit, match="do not refine them"):
         _initial_unet(tmp_path / "old.pt", dataclasses.replace(preset, name="demo"))
+    with torch.no_grad():
+        old.input_blocks[0][0].weight[0, 0, 0, 0, 0] = float("nan")
+    save_meddpm_checkpoint(tmp_path / "diverged.pt", old, whole_head_preset, step=2)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        _initial_unet(tmp_path / "diverged.pt", preset)
