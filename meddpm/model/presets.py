@@ -100,6 +100,9 @@ class ScheduleConfig:
     beta_schedule: str
     default_scheduler: Scheduler
     default_steps: int
+    # Below this alpha-bar the loop takes the mask's prior image as the clean-image estimate and makes no UNet call
+    # (meddpm/sampling/loop.py, `mask_prior`); 0: every step calls the UNet, as Med-DDPM samples.
+    mask_prior_alpha_bar: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +176,10 @@ class Preset:
             ),
             (len(self.image.orientation) == 3, "image.orientation needs three axis codes such as 'RAS'"),
             (self.gated_precision != Precision.AUTO, "gated_precision is fp32, bf16 or mixed: what auto resolves to"),
+            (
+                0.0 <= self.schedule.mask_prior_alpha_bar < 1.0,
+                "schedule.mask_prior_alpha_bar is an alpha-bar: at least 0 (off) and under 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -4,7 +4,9 @@
 
 Every scheduler sees the predicted clean image x0 clipped to the model's range, as Med-DDPM clips it; the clipping
 is folded into epsilon (`clip_x0_in_epsilon`) at the noise level the solver's update assumes (`step_alpha_bars`),
-so one mechanism serves every solver.
+so one mechanism serves every solver. Where a preset sets `mask_prior_alpha_bar`, the steps at a noise level above
+it (alpha-bar below it) take the mask's prior image as x0 instead (`mask_prior`), folded into epsilon the same way,
+and call no UNet: there an epsilon model's x0 is its error amplified up to 5000 times (docs/fast-sampling.md).
 """
 
 from __future__ import annotations
@@ -83,15 +85,19 @@ def sample(
     x, generators = initial_noise((batch, preset.out_channels, *condition.shape[1:]), request.seeds)
     x = x * scheduler.init_noise_sigma
     alpha_bars = step_alpha_bars(scheduler)
+    prior = mask_prior(conditions, preset) if preset.schedule.mask_prior_alpha_bar else None
     stochastic = noise_arguments(scheduler, generators)
     started = time.monotonic()
     with denoiser.conditioned(conditions) as predict_noise:
         for i, t in enumerate(scheduler.timesteps):
             if stop is not None and stop.is_set():
                 raise Interrupted(f"stopped at step {i + 1} of {len(scheduler.timesteps)}; nothing was written")
-            timestep = np.full((batch,), float(t), dtype=np.float32)
-            epsilon = torch.from_numpy(predict_noise(x.numpy(), timestep))
-            epsilon = clip_x0_in_epsilon(epsilon, x, alpha_bars[i])
+            if prior is not None and alpha_bars[i] < preset.schedule.mask_prior_alpha_bar:
+                epsilon = epsilon_of_x0(prior.clone(), x, alpha_bars[i])
+            else:
+                timestep = np.full((batch,), float(t), dtype=np.float32)
+                epsilon = torch.from_numpy(predict_noise(x.numpy(), timestep))
+                epsilon = clip_x0_in_epsilon(epsilon, x, alpha_bars[i])
             x = scheduler.step(epsilon, t, x, **stochastic).prev_sample
             if progress is not None:
                 progress(i + 1, len(scheduler.timesteps), time.monotonic() - started)
@@ -112,7 +118,21 @@ def clip_x0_in_epsilon(epsilon: torch.Tensor, sample: torch.Tensor, alpha_bar: f
     """epsilon whose implied x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) is clipped to the model's range; in place."""
     sqrt_a, sqrt_one_minus_a = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
     x0 = epsilon.mul_(-sqrt_one_minus_a).add_(sample).div_(sqrt_a).clamp_(*IMAGE_RANGE)
-    return x0.mul_(-sqrt_a).add_(sample).div_(sqrt_one_minus_a)
+    return epsilon_of_x0(x0, sample, alpha_bar)
+
+
+def epsilon_of_x0(x0: torch.Tensor, sample: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """The epsilon for which the solver's update at noise level alpha-bar implies clean image `x0`; in place."""
+    return x0.mul_(-(alpha_bar**0.5)).add_(sample).div_((1.0 - alpha_bar) ** 0.5)
+
+
+def mask_prior(conditions: np.ndarray, preset: Preset) -> torch.Tensor:
+    """The clean image a mask alone implies, (samples, C, D, H, W): the training images' background where no label
+    is set, mid-range (0) inside the labels. What the sampler trusts at noise levels where an epsilon model's x0 is
+    amplified error (`mask_prior_alpha_bar`): each tissue's contrast is left to the steps that call the UNet."""
+    labelled = torch.from_numpy(conditions > 0).any(dim=1, keepdim=True)  # "on": +1 (symmetric) or 1 (binary)
+    prior = torch.where(labelled, 0.0, preset.image.background)
+    return prior.expand(-1, preset.out_channels, -1, -1, -1).contiguous()
 
 
 def step_alpha_bars(scheduler: Any) -> list[float]:

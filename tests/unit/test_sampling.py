@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 
 import numpy as np
@@ -13,16 +14,17 @@ from diffusers.utils.torch_utils import randn_tensor
 from meddpm.backends.onnxruntime_denoiser import OnnxRuntimeDenoiser
 from meddpm.backends.pytorch_denoiser import TorchDenoiser
 from meddpm.errors import ConfigurationError
-from meddpm.model.presets import Scheduler, get_preset
+from meddpm.model.presets import Preset, Scheduler, get_preset
 from meddpm.model.unet import ConditionalDenoiser, build_unet
 from meddpm.sampling.denoiser import Denoiser
-from meddpm.sampling.loop import clip_x0_in_epsilon, sample, step_alpha_bars
+from meddpm.sampling.loop import clip_x0_in_epsilon, mask_prior, sample, step_alpha_bars
 from meddpm.sampling.request import SamplingRequest
 from meddpm.sampling.schedulers import SCHEDULERS, make_scheduler
 from tests.conftest import randomise
 from tests.helpers import cosine_betas
 
 WHOLE_HEAD = get_preset("whole-head")
+BRATS = get_preset("brats")  # four output channels, binary condition
 SCHEDULE = WHOLE_HEAD.schedule
 
 
@@ -153,6 +155,62 @@ def test_sample_depends_on_its_own_seed_not_on_its_batch(scheduler):
     pair = fake_run(scheduler, 20, seed=5, samples=2)
     alone = fake_run(scheduler, 20, seed=6)
     np.testing.assert_allclose(pair[1], alone[0], atol=1e-6)
+
+
+class CountingDenoiser(ScaledSample):
+    """The fake model, recording the timestep of each UNet call."""
+
+    def __init__(self):
+        self.timesteps = []
+
+    @contextlib.contextmanager
+    def conditioned(self, condition):
+        with super().conditioned(condition) as predict_noise:
+
+            def counted(noisy_image, timestep):
+                self.timesteps.append(int(timestep[0]))
+                return predict_noise(noisy_image, timestep)
+
+            yield counted
+
+
+@pytest.mark.parametrize(("scheduler", "steps"), [("ddpm", 250), ("dpmpp2m-sde", 20)])
+def test_above_the_mask_priors_noise_level_the_loop_trusts_the_mask_and_calls_no_unet(scheduler, steps):
+    """A preset's mask_prior_alpha_bar: each step whose alpha-bar is below it takes the mask's prior image as x0 and
+    makes no UNet call; every other step makes one."""
+    threshold = 0.01
+    preset = dataclasses.replace(WHOLE_HEAD, schedule=dataclasses.replace(SCHEDULE, mask_prior_alpha_bar=threshold))
+    condition = -np.ones((2, 8, 8, 8), dtype=np.float32)
+    condition[0, 2:6, 2:6, 2:6] = 1.0
+    denoiser = CountingDenoiser()
+    images = sample(denoiser, condition, SamplingRequest(scheduler, steps, 4), preset)
+    solver = make_scheduler(scheduler, SCHEDULE, steps)
+    trusted = [int(t) for t, a in zip(solver.timesteps, step_alpha_bars(solver)) if a >= threshold]
+    assert denoiser.timesteps == trusted and 0 < len(trusted) < len(solver.timesteps)
+    assert images.shape == (1, 1, 8, 8, 8) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("scale", ["symmetric", "binary"])
+def test_the_mask_prior_is_background_outside_the_labels_and_mid_range_inside(scale):
+    off, on = (-1.0, 1.0) if scale == "symmetric" else (0.0, 1.0)
+    conditions = np.full((2, 3, 4, 4, 4), off, dtype=np.float32)  # 2 samples, 3 labels
+    conditions[:, 1, :2] = on
+    conditions[:, 2, :, :1] = on
+    prior = mask_prior(
+        conditions, dataclasses.replace(BRATS, condition=dataclasses.replace(BRATS.condition, scale=scale))
+    )
+    assert prior.shape == (2, BRATS.out_channels, 4, 4, 4)
+    labelled = np.zeros((4, 4, 4), dtype=bool)
+    labelled[:2] = labelled[:, :1] = True
+    expected = np.where(labelled, 0.0, BRATS.image.background)
+    assert all(np.array_equal(prior[i, c].numpy(), expected) for i in range(2) for c in range(BRATS.out_channels))
+
+
+def test_a_mask_prior_level_that_is_no_alpha_bar_is_refused():
+    table = WHOLE_HEAD.to_dict()
+    table["schedule"]["mask_prior_alpha_bar"] = 1.5
+    with pytest.raises(ConfigurationError, match="mask_prior_alpha_bar is an alpha-bar"):
+        Preset.from_dict("broken", table)
 
 
 def test_bad_scheduler_settings_are_refused():
