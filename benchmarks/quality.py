@@ -34,8 +34,9 @@ from meddpm.imaging.masks import LabelMask
 from meddpm.imaging.phantom_heads import dice
 from meddpm.model.presets import Precision, Preset, Scheduler
 from meddpm.model.served_model import find_model
-from meddpm.sampling.loop import DenoiserLoop
+from meddpm.sampling.loop import DenoiserLoop, calls_unet, step_alpha_bars
 from meddpm.sampling.request import SamplingRequest
+from meddpm.sampling.schedulers import make_scheduler
 from meddpm.synthesis import SynthesisPipeline
 
 REFERENCE = ("ddpm", 250)
@@ -65,9 +66,11 @@ def evaluate(repository: Path, model_name: str | None, masks: int, seed: int, ru
         started = time.monotonic()
         scores, diversity, distance = synthesise_and_score(pipeline, source, held_out, name, steps, seed)
         reference = scores if (name, steps) == REFERENCE else reference
+        solver = make_scheduler(name, model.preset.schedule, steps)
         entry = {
             "scheduler": name,
             "steps": steps,
+            "unet_calls": sum(calls_unet(a, model.preset) for a in step_alpha_bars(solver)),
             "seconds": round(time.monotonic() - started, 1),
             **{f"dice_{label}": stats(values) for label, values in scores.items()},
             "diversity": stats(diversity),
@@ -159,7 +162,7 @@ def paired_difference(values: list[float], reference: list[float]) -> dict:
 
 
 def _header(labels: list[str]) -> str:
-    columns = ["scheduler", "steps (UNet calls)", *(f"Dice {label}" for label in labels)]
+    columns = ["scheduler", "steps", "UNet calls", *(f"Dice {label}" for label in labels)]
     columns += [*(f"Δ {label} vs DDPM-250" for label in labels), "diversity", "intensity distance", "seconds"]
     return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
 
@@ -174,7 +177,12 @@ def _row(entry: dict, labels: list[str]) -> str:
             f"{d['mean']:+.3f} ± {d['sem']:.3f}" if d.get("n", 0) >= 2 and entry["scheduler"] != REFERENCE[0] else "-"
         )
 
-    cells = [entry["scheduler"], entry["steps"], *(spread(entry[f"dice_{label}"]) for label in labels)]
+    cells = [
+        entry["scheduler"],
+        entry["steps"],
+        entry["unet_calls"],
+        *(spread(entry[f"dice_{label}"]) for label in labels),
+    ]
     cells += [*(paired(label) for label in labels), spread(entry["diversity"])]
     cells += [spread(entry["intensity_distance"]), entry["seconds"]]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
@@ -194,7 +202,7 @@ def main() -> None:
     runs = [REFERENCE, *((name, steps) for name in args.schedulers for steps in args.steps)]
     results = evaluate(args.repository, args.model_name, args.masks, args.seed, runs)
     ceiling = [f"{results['ground_truth_ceiling'][label]['mean']:.3f}" for label in results["labels"]]
-    print("| ground-truth images | - | " + " | ".join(ceiling) + " | -" * (len(ceiling) + 3) + " |")
+    print("| ground-truth images | - | - | " + " | ".join(ceiling) + " | -" * (len(ceiling) + 3) + " |")
     results["suggested_defaults"] = suggested_defaults(results, args.tolerance)
     print(
         f"Δ: mean paired difference ± standard error. Fewest steps within {args.tolerance} of DDPM-250 on every "

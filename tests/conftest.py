@@ -14,7 +14,8 @@ from meddpm.model.presets import Preset, load_presets
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"  # public Med-DDPM files, sources in tests/data/README.md
 REFERENCE_KEYS = TEST_DATA / "meddpm_checkpoint_keys.txt"
-DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"
+DEMO_CHECKPOINT = REPO / "models" / "demo" / "model_demo.pt"  # phantom heads: the tests' model
+MNI152_DEMO_CHECKPOINT = REPO / "models" / "mni152-demo" / "model.pt"  # heads from the MNI152 template: the demo's
 
 # Small networks with the features of the real ones: attention inside a level ("tiny"), several output
 # channels, binary condition scaling and unreversed axes ("tiny-multi").
@@ -79,16 +80,25 @@ def presets(test_presets_file) -> dict[str, Preset]:
     return load_presets(test_presets_file)
 
 
-@pytest.fixture(scope="session")
-def demo_repository(tmp_path_factory) -> Path:
-    """The committed demo model exported into a fresh model repository."""
+def _export_committed(checkpoint: Path, preset: str, repo: Path) -> Path:
     from export.cli import main as export_main
 
-    if not DEMO_CHECKPOINT.exists():
-        pytest.fail(f"{DEMO_CHECKPOINT} is missing: it is committed; run training/train_demo.py to recreate it")
-    repo = tmp_path_factory.mktemp("repo")
-    assert export_main(["--checkpoint", str(DEMO_CHECKPOINT), "--preset", "demo", "--repository", str(repo)]) == 0
+    if not checkpoint.exists():
+        pytest.fail(f"{checkpoint} is missing: it is committed; run training/train_demo.py to recreate it")
+    assert export_main(["--checkpoint", str(checkpoint), "--preset", preset, "--repository", str(repo)]) == 0
     return repo
+
+
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory) -> Path:
+    """The committed phantom demo model exported into a fresh model repository."""
+    return _export_committed(DEMO_CHECKPOINT, "demo", tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="session")
+def mni152_demo_repository(tmp_path_factory) -> Path:
+    """The committed model on MNI152 anatomy (scripts/demo.sh's) exported into a fresh model repository."""
+    return _export_committed(MNI152_DEMO_CHECKPOINT, "mni152-demo", tmp_path_factory.mktemp("mni152-repo"))
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def sample(
         for i, t in enumerate(scheduler.timesteps):
             if stop is not None and stop.is_set():
                 raise Interrupted(f"stopped at step {i + 1} of {len(scheduler.timesteps)}; nothing was written")
-            if prior is not None and alpha_bars[i] < preset.schedule.mask_prior_alpha_bar:
+            if prior is not None and not calls_unet(alpha_bars[i], preset):
                 epsilon = epsilon_of_x0(prior.clone(), x, alpha_bars[i])
             else:
                 timestep = np.full((batch,), float(t), dtype=np.float32)
@@ -124,6 +124,11 @@ def clip_x0_in_epsilon(epsilon: torch.Tensor, sample: torch.Tensor, alpha_bar: f
 def epsilon_of_x0(x0: torch.Tensor, sample: torch.Tensor, alpha_bar: float) -> torch.Tensor:
     """The epsilon for which the solver's update at noise level alpha-bar implies clean image `x0`; in place."""
     return x0.mul_(-(alpha_bar**0.5)).add_(sample).div_((1.0 - alpha_bar) ** 0.5)
+
+
+def calls_unet(alpha_bar: float, preset: Preset) -> bool:
+    """Whether the step at noise level alpha-bar calls the UNet; if not, it takes the mask's prior as x0."""
+    return alpha_bar >= preset.schedule.mask_prior_alpha_bar
 
 
 def mask_prior(conditions: np.ndarray, preset: Preset) -> torch.Tensor:

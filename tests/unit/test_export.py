@@ -213,15 +213,23 @@ def test_tensorrt_plan_without_tensorrt_says_how(presets, test_presets_file, tmp
     assert code == 2 and "no tensorrt" in err and "trtexec --onnx=" in err and "InstanceNormalization*:fp32" in err
 
 
-@pytest.mark.parametrize("entry", ["meddpm_demo", "meddpm_demo_openvino", "meddpm_demo_cpu", "meddpm_demo_sampler"])
-def test_committed_configs_are_what_export_writes(demo_repository, entry):
+@pytest.mark.parametrize(
+    ("exported", "entry"),
+    [
+        (fixture, f"{model}{suffix}")
+        for fixture, model in (("demo_repository", "meddpm_demo"), ("mni152_demo_repository", "meddpm_mni152_demo"))
+        for suffix in ("", "_openvino", "_cpu", "_sampler")
+    ],
+)
+def test_committed_configs_are_what_export_writes(request, exported, entry):
     """Less the export's hashes: the sampler's changes with any edit of meddpm/, the graph's with torch's version."""
-    config = read_config(demo_repository / entry)
+    repository_folder = request.getfixturevalue(exported)
+    config = read_config(repository_folder / entry)
     hashes = [key for key in (ONNX_SHA256, PACKAGE_SHA256) if key in config.parameters]
     assert len(hashes) == 1
     del config.parameters[hashes[0]]
     assert (TEST_DATA / "model_repository" / entry / "config.pbtxt").read_text() == repository.config_text(config)
-    assert (demo_repository / entry / "1" / ".gitkeep").exists()
+    assert (repository_folder / entry / "1" / ".gitkeep").exists()
 
 
 def test_the_demo_exports_where_git_does_not_look():
@@ -231,7 +239,7 @@ def test_the_demo_exports_where_git_does_not_look():
     target = command.split("--repository ")[1].split()[0]
     tracked = subprocess.run(["git", "ls-files", "--", target], cwd=REPO, capture_output=True, text=True, check=True)
     assert tracked.stdout == "", f"the demo exports into {target}, where git tracks {tracked.stdout.split()}"
-    probe = f"{target}/meddpm_demo/config.pbtxt"
+    probe = f"{target}/meddpm_mni152_demo/config.pbtxt"
     assert subprocess.run(["git", "check-ignore", "-q", "--no-index", probe], cwd=REPO).returncode == 0, probe
 
 
