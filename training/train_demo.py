@@ -1,8 +1,8 @@
 """Train a demo model and save it in Med-DDPM's checkpoint layout; a run can stop and resume.
 
-    python -m training.train_demo --preset mni152-demo --steps 500 --batch 2 --lr 5e-4 --echo 2 --min-snr-gamma 5 \
-        --input-perturbation 0.1 --whole-head-share 0.2 --init EARLIER.pt --out models/mni152-demo/model.pt
-        # the committed weights' runs: the README's "The demo model"
+    python -m training.train_demo --preset mni152-demo --steps 1200 --batch 2 --lr 5e-4 --echo 2 --min-snr-gamma 5 \
+        --input-perturbation 0.1 --whole-head-share 0.2 --seed 5 --init EARLIER.pt --out models/mni152-demo/model.pt
+        # the last of the committed weights' four runs (stopped with --until 900): the README's "The demo model"
     python -m training.train_demo --preset demo --steps 3000 --batch 4 --out models/demo/model_demo.pt
 
 Two demo presets (meddpm/model/presets.toml), each with its own heads (meddpm/imaging/demo_heads.py):
